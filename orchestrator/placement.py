@@ -1,0 +1,41 @@
+"""Ray start-up and resource budgets: what each train worker gets, chosen so defaults never deadlock."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.train import ScalingConfig
+
+from orchestrator.config import Resources
+
+
+def init_ray(res: Resources) -> None:
+    """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers.
+
+    A local Ray gets one logical CPU more than the workers reserve: Ray Data's read/map tasks need a CPU
+    while the workers hold theirs, and without the spare one the stage waits forever (seen on 2 cores).
+    """
+    if ray.is_initialized():
+        return
+    address = res.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    need = res.num_workers * res.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
+             include_dashboard=False, log_to_driver=True)
+
+
+def scaling(res: Resources) -> ScalingConfig:
+    """Train workers: DDP over gloo on CPU, NCCL on GPU (Ray Train picks the backend from use_gpu)."""
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
+def torch_threads(res: Resources) -> int:
+    """Torch threads per worker from its CPU share (Ray sets OMP_NUM_THREADS=1 otherwise)."""
+    return max(1, int(res.cpus_per_worker))

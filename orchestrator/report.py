@@ -1,0 +1,36 @@
+"""The run's result table: `report.json` (machine-readable) and `report.md` (for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TASKS = ("hallucination", "factuality")
+COLUMNS = ("f1", "accuracy", "auroc", "ece")
+
+
+def write_report(run_dir: Path, rows: dict[str, dict]) -> dict:
+    """Per row (stage) and task: test f1, accuracy, auroc, ece; plus params and inference samples/s."""
+    report = {"rows": {
+        name: {
+            "level": row["level"], "params": row["params"], "samples_per_s": row["samples_per_s"],
+            **{task: {c: row["test"].get(f"{task}/{c}") for c in COLUMNS} for task in TASKS},
+        } for name, row in rows.items()
+    }}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(markdown_table(report))
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    head = "| model | params | " + " | ".join(f"{t[:5]} {c}" for t in TASKS for c in COLUMNS) + " | samples/s |"
+    lines = [head, "|" + "---|" * (len(TASKS) * len(COLUMNS) + 3)]
+    for name, row in report["rows"].items():
+        cells = [_fmt(row[t][c]) for t in TASKS for c in COLUMNS]
+        lines.append(f"| {name} | {row['params'] / 1e6:.1f}M | " + " | ".join(cells)
+                     + f" | {row['samples_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

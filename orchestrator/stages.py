@@ -1,0 +1,59 @@
+"""One pipeline stage = one Ray Train run that turns an initial model dir into a trained one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import ray
+import ray.data
+from ray.train import CheckpointConfig, DataConfig, FailureConfig
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import Resources, TrainConfig
+from orchestrator.placement import scaling, torch_threads
+from workers.train_loop import train_loop_per_worker
+
+
+def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
+              train: TrainConfig, res: Resources, storage: Path, seed: int, tracking: dict | None) -> dict:
+    """Run one stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the stage's
+    own latest checkpoint when its storage already holds one (a re-run after a crash)."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(),
+            "n_units": train_ds.count(), "threads": torch_threads(res), "seed": seed, "tracking": tracking,
+        },
+        scaling_config=scaling(res),
+        run_config=TrainRunConfig(
+            name=name, storage_path=str(storage.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result.return_value or {}
+
+
+def stage_done(stage_file: Path) -> dict | None:
+    """A finished stage leaves its result file (written last, atomically); None when not finished."""
+    return json.loads(stage_file.read_text()) if stage_file.is_file() else None
+
+
+def mark_done(stage_file: Path, result: dict) -> None:
+    stage_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stage_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(stage_file)
+
+
+def stage_tracking(uri: str) -> dict:
+    """Tracking coordinates handed to rank 0 of the active (nested) MLflow run."""
+    return {"uri": uri, "run_id": mlflow.active_run().info.run_id}

@@ -1,0 +1,47 @@
+"""MLflow: where runs go, and the parent/stage run structure of one `hkd run`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+
+SECRET_WORDS = ("token", "password", "secret", "key")
+
+
+def tracking_uri(configured: str | None, run_root: Path) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else an absolute sqlite file beside the run dirs."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root.resolve()}/mlflow.db"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any training when the tracking store cannot be used."""
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # any transport or store error means the run would fail later
+        raise RuntimeError(f"MLflow tracking store {uri} is not usable: {err}") from None
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → dotted params, secret-looking values masked."""
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        elif any(word in str(key).lower() for word in SECRET_WORDS) and value not in (None, "", {}):
+            out[name] = "***"
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+def log_params(params: dict[str, str]) -> None:
+    """MLflow caps a batch at 100 params."""
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i:i + 100]))

@@ -1,0 +1,101 @@
+"""Records → verification prompts → model inputs.
+
+Both tasks become one chat prompt per decision (Task 1: one per option), ending at the assistant turn.
+The supervised position is the last prompt token, whose next-token distribution is read at the label
+words ("yes"/"no"); P(positive) is the softmax over those two logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.models import HKDProcessor
+
+HALLUCINATION_QUESTION = "Is the phrase hallucinated?"
+FACTUALITY_QUESTION = "Is the claim true?"
+
+
+def expand_units(records: list[dict]) -> list[dict]:
+    """One unit per decision: Task 1 records expand to one unit per option. Target -1 when unlabelled."""
+    units = []
+    for rec in records:
+        if rec["task"] == "hallucination":
+            labels = rec.get("hallucinated")
+            for i, option in enumerate(rec["options"]):
+                text = f"Caption: {rec['caption']}\nPhrase: {option}\n{HALLUCINATION_QUESTION}"
+                target = -1 if labels is None else int(labels[i])
+                units.append(_unit(rec, i, text, target))
+        else:
+            label = rec.get("label")
+            text = f"Context: {rec['context']}\nClaim: {rec['claim']}\n{FACTUALITY_QUESTION}"
+            units.append(_unit(rec, 0, text, -1 if label is None else int(label)))
+    return units
+
+
+def _unit(rec: dict, index: int, text: str, target: int) -> dict:
+    return {"uid": f"{rec['id']}#{index}", "record_id": rec["id"], "task": rec["task"], "index": index,
+            "image": rec["image"], "text": text, "target": target}
+
+
+def encode_units(units: dict[str, np.ndarray] | list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
+    """Tokenize prompts and preprocess images, one row per unit (no padding: `collate` pads per batch).
+
+    Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
+    `input_ids` and per-image `pixel_values` are object arrays.
+    """
+    rows = _as_rows(units)
+    images = [Image.open(r["image"]).convert("RGB") for r in rows]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
+        add_generation_prompt=True, tokenize=False) for r in rows]
+    enc = processor(text=texts, images=images, padding=False, return_tensors=None)
+    pixels = np.asarray(enc["pixel_values"], dtype=np.float32)
+    grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(len(rows), 3)
+    splits = np.cumsum(grids.prod(axis=1))[:-1]
+    out = {k: np.array([r[k] for r in rows]) for k in ("uid", "record_id", "task", "index", "target")}
+    out["input_ids"] = _object_array([np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]])
+    out["pixel_values"] = _object_array(np.split(pixels, splits))
+    out["image_grid_thw"] = grids
+    return out
+
+
+def _as_rows(units: dict[str, np.ndarray] | list[dict]) -> list[dict]:
+    if isinstance(units, list):
+        return units
+    n = len(next(iter(units.values())))
+    return [{k: v[i] for k, v in units.items()} for i in range(n)]
+
+
+def _object_array(items: list[np.ndarray]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a column batch into model inputs (plus `target` and `uid` passthrough)."""
+    seqs = [np.asarray(s) for s in batch["input_ids"]]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.from_numpy(s.astype(np.int64))
+        mask[i, width - len(s):] = 1
+    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == image_token_id).int(),
+        "pixel_values": pixels,
+        "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long),
+        "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
+        "uid": list(batch["uid"]),
+    }
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset of a collated batch that the model's forward takes."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    return {k: batch[k] for k in keys}
