@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -94,6 +94,57 @@ class DirectConfig(Strict):
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-level train keys")
 
 
+class TeacherRef(Strict):
+    """One teacher of a distillation stage: a level's latest trained model, its KD weight and temperature."""
+
+    level: str
+    weight: float = Field(1.0, ge=0)
+
+
+class PPODStage(Strict):
+    """Distil one pyramid level from the trained level(s) above it."""
+
+    student: str
+    teachers: list[TeacherRef] = Field(min_length=1)
+
+
+class PPODConfig(Strict):
+    """Pyramid-like progressive online distillation: coarse alignment at a high temperature, level by level."""
+
+    enabled: bool = True
+    stages: list[PPODStage] = Field(default_factory=list)
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(0.5, ge=0)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TCRDConfig(Strict):
+    """Ternary-coupled refinement: ground truth + top teacher + assistant, each KD coupled, low temperature."""
+
+    enabled: bool = True
+    student: str = "S"
+    top: str = "L"
+    assistant: str = "M"
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+    top_weight: float = Field(1.0, ge=0)
+    assistant_weight: float = Field(1.0, ge=0)
+    coupled: bool = True
+    sharpness: float = Field(10.0, gt=0)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TeacherResources(Strict):
+    """Teacher actors: replicas per teacher, each with this CPU/GPU share; top-k on the wire; prefetch depth."""
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    k: int = Field(16, ge=1)
+    prefetch: int = Field(2, ge=0)
+    max_restarts: int = Field(3, ge=0)
+
+
 class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(2, gt=0)
@@ -114,15 +165,23 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     levels: dict[str, LevelConfig] = Field(default_factory=dict)
     direct: DirectConfig = Field(default_factory=DirectConfig)
+    ppod: PPODConfig = Field(default_factory=lambda: PPODConfig(enabled=False))
+    tcrd: TCRDConfig = Field(default_factory=lambda: TCRDConfig(enabled=False))
+    teachers: TeacherResources = Field(default_factory=TeacherResources)
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _levels_known(self) -> RunConfig:
-        for name in self.direct.levels + list(self.direct.overrides):
+        named = [("direct", n) for n in self.direct.levels + list(self.direct.overrides)]
+        if self.ppod.enabled:
+            named += [("ppod", n) for st in self.ppod.stages for n in [st.student] + [t.level for t in st.teachers]]
+        if self.tcrd.enabled:
+            named += [("tcrd", n) for n in (self.tcrd.student, self.tcrd.top, self.tcrd.assistant)]
+        for section, name in named:
             if name not in self.levels:
-                raise ValueError(f"direct names level {name!r}, which is not under 'levels' ({sorted(self.levels)})")
+                raise ValueError(f"{section} names level {name!r}, which is not under 'levels' ({sorted(self.levels)})")
         for name, over in self.direct.overrides.items():
             TrainConfig(**{**self.direct.train.model_dump(), **over})
         return self
@@ -174,19 +233,21 @@ def _describe(error: dict) -> str:
 
 
 def _suggest(loc: tuple) -> str:
-    """Nearest valid key name at the unknown key's level."""
+    """Nearest valid key name at the unknown key's level (walking models, lists and dicts of models)."""
     model: type[BaseModel] = RunConfig
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if field is None:
-            if model is not LevelConfig and isinstance(part, str):
-                continue
-            break
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        elif str(part) == "levels":
-            model = LevelConfig
-    names = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            model = _model_in(field.annotation) or model
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(model.model_fields)})"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None

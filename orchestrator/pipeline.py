@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,18 +15,20 @@ import ray.data
 from orchestrator.config import RunConfig
 from orchestrator.placement import init_ray
 from orchestrator.report import write_report
-from orchestrator.stages import fit_stage, mark_done, stage_done, stage_tracking
-from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri
+from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
+from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
 from workers import synth
 from workers.data import load_jsonl
 from workers.evaluate import score_records
 from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
                             load_model_dir)
 from workers.prompts import encode_units, expand_units
+from workers.teacher import TeacherPool, check_compatible
 
 
 def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     """Execute the whole run; finished stages (result file present) are skipped on a re-run."""
+    plans = plan_stages(cfg)
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)
@@ -33,20 +36,22 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
-    init_ray(cfg.resources)
+    # TCRD runs two teachers at once: reserve room for both.
+    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus)
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    rows = {}
-    with mlflow.start_run(run_name=cfg.name) as parent:
+    rows, pools = {}, {}
+    with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tag("run_dir", str(run_dir))
         log_params(flatten(cfg.model_dump()))
-        for level in cfg.direct.levels:
-            name = f"{level}-direct"
-            rows[name] = _direct_stage(cfg, run_dir, level, name, init_dirs[level], encoded, splits["test"], uri, log)
-            for key, value in rows[name]["test"].items():
-                mlflow.log_metric(f"{name}/{key}", value)
+        try:
+            for i, plan in enumerate(plans):
+                rows[plan.name] = _stage(cfg, run_dir, plan, init_dirs, encoded, splits["test"], uri, pools, log)
+                for key, value in rows[plan.name]["test"].items():
+                    mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not a valid key
+                _release_pools(pools, plans[i + 1:])
+        finally:
+            _release_pools(pools, [])
         report = write_report(run_dir, rows)
         mlflow.log_artifact(str(run_dir / "report.json"))
         mlflow.log_artifact(str(run_dir / "report.md"))
@@ -112,31 +117,61 @@ def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     ).materialize()
 
 
-def _direct_stage(cfg: RunConfig, run_dir: Path, level: str, name: str, init_dir: Path,
-                  encoded: dict[str, ray.data.Dataset], test_records: list[dict], uri: str, log) -> dict:
-    stage_file = run_dir / "stages" / f"{name}.json"
+def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, Path],
+           encoded: dict[str, ray.data.Dataset], test_records: list[dict], uri: str, pools: dict, log) -> dict:
+    """Train, test and record one stage, unless an earlier attempt already finished it."""
+    stage_file = run_dir / "stages" / f"{plan.name}.json"
     done = stage_done(stage_file)
     if done:
-        log(f"[{name}] already finished: skipped")
+        log(f"[{plan.name}] already finished: skipped")
         return done
-    out_dir = run_dir / "models" / level
-    train = cfg.train_for(level)
-    log(f"[{name}] training {level} for {train.epochs} epochs")
+    out_dir = model_dir(run_dir, plan.name)
+    init_dir = model_dir(run_dir, plan.init) if plan.init else init_dirs[plan.level]
+    loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
+            "sharpness": plan.sharpness, "teachers": []}
+    for t in plan.teachers:
+        teacher_dir = model_dir(run_dir, t["stage"])
+        check_compatible(teacher_dir, init_dir)
+        pool_name = _pool_name(run_dir, t["stage"])
+        if t["stage"] not in pools:
+            pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
+                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
+                                                 max_restarts=cfg.teachers.max_restarts)
+        loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
+    log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {plan.train.epochs} epochs")
     start = time.time()
-    with mlflow.start_run(run_name=name, nested=True):
-        mlflow.set_tags({"stage": name, "level": level, "kind": "direct"})
-        log_params(flatten({"stage": train.model_dump()}))
-        val = fit_stage(name, init_dir, out_dir, encoded["train"], encoded["val"], train, cfg.resources,
-                        run_dir / "ray", cfg.seed, stage_tracking(uri))
+    with mlflow.start_run(run_name=plan.name, nested=True):
+        mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
+        log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
+        val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
+                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
         scored = score_records(out_dir, test_records, threads=os.cpu_count())
         model, _ = load_model_dir(out_dir)
-        result = {"level": level, "val": val, "test": scored["metrics"], "params": count_parameters(model),
-                  "samples_per_s": scored["samples_per_s"], "wall_s": time.time() - start,
-                  "model_dir": str(out_dir)}
+        result = {"level": plan.level, "kind": plan.kind, "val": val, "test": scored["metrics"],
+                  "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
+                  "wall_s": time.time() - start, "model_dir": str(out_dir)}
         mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
         mlflow.log_metrics({"params": result["params"], "wall_s": result["wall_s"]})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
     mark_done(stage_file, result)
-    log(f"[{name}] test {json.dumps({k: round(v, 4) for k, v in scored['metrics'].items()})} "
+    log(f"[{plan.name}] test {json.dumps({k: round(v, 4) for k, v in scored['metrics'].items()})} "
         f"({result['wall_s']:.0f}s)")
     return result
+
+
+def model_dir(run_dir: Path, stage: str) -> Path:
+    """Direct tuning saves `models/<level>`; distilled students `models/<stage name>`."""
+    return run_dir / "models" / stage.removesuffix("-direct")
+
+
+def _pool_name(run_dir: Path, stage: str) -> str:
+    """Actor names unique per run dir, so concurrent runs on one cluster never share a teacher."""
+    return f"{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}-{stage}"
+
+
+def _release_pools(pools: dict, remaining: list[StagePlan]) -> None:
+    """Stop teacher actors that no later stage needs, freeing their CPUs/GPUs."""
+    needed = {t["stage"] for p in remaining for t in p.teachers}
+    for stage in list(pools):
+        if stage not in needed:
+            pools.pop(stage).shutdown()

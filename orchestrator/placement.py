@@ -10,10 +10,11 @@ from ray.train import ScalingConfig
 from orchestrator.config import Resources
 
 
-def init_ray(res: Resources) -> None:
+def init_ray(res: Resources, teacher_cpus: float = 0.0) -> None:
     """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers.
 
-    A local Ray gets one logical CPU more than the workers reserve: Ray Data's read/map tasks need a CPU
+    A local Ray gets the CPUs that train workers and teacher actors reserve (at least the machine's), plus one
+    logical CPU more: Ray Data's read/map tasks need a CPU
     while the workers hold theirs, and without the spare one the stage waits forever (seen on 2 cores).
     """
     if ray.is_initialized():
@@ -23,7 +24,7 @@ def init_ray(res: Resources) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    need = res.num_workers * res.cpus_per_worker
+    need = res.num_workers * res.cpus_per_worker + teacher_cpus
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              include_dashboard=False, log_to_driver=True)
 

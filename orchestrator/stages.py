@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -12,19 +13,20 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import Resources, TrainConfig
+from orchestrator.config import ConfigError, Resources, RunConfig, TrainConfig
 from orchestrator.placement import scaling, torch_threads
 from workers.train_loop import train_loop_per_worker
 
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
-              train: TrainConfig, res: Resources, storage: Path, seed: int, tracking: dict | None) -> dict:
+              train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
+              tracking: dict | None) -> dict:
     """Run one stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the stage's
     own latest checkpoint when its storage already holds one (a re-run after a crash)."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(),
+            "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(), "loss": loss,
             "n_units": train_ds.count(), "threads": torch_threads(res), "seed": seed, "tracking": tracking,
         },
         scaling_config=scaling(res),
@@ -57,3 +59,48 @@ def mark_done(stage_file: Path, result: dict) -> None:
 def stage_tracking(uri: str) -> dict:
     """Tracking coordinates handed to rank 0 of the active (nested) MLflow run."""
     return {"uri": uri, "run_id": mlflow.active_run().info.run_id}
+
+
+@dataclass
+class StagePlan:
+    """One stage of a run: which level trains, from which model, against which teachers, with what loss."""
+
+    name: str
+    level: str
+    kind: str  # direct | ppod | tcrd
+    init: str | None  # stage whose model initialises the student; None: the level's initial model
+    train: TrainConfig
+    ce_weight: float = 1.0
+    teachers: list[dict] = field(default_factory=list)  # {stage, weight, temperature, coupled}
+    sharpness: float = 10.0
+
+
+def plan_stages(cfg: RunConfig) -> list[StagePlan]:
+    """Direct tuning → PPOD level by level → TCRD, each part switchable (how the ablation rows are made).
+
+    A level's teacher model is its latest trained version: after its PPOD stage, the distilled one.
+    """
+    plans = [StagePlan(f"{lv}-direct", lv, "direct", None, cfg.train_for(lv)) for lv in cfg.direct.levels]
+    latest = {p.level: p.name for p in plans}
+    if cfg.ppod.enabled:
+        for st in cfg.ppod.stages:
+            teachers = [{"stage": _need(latest, t.level, "ppod"), "weight": t.weight,
+                         "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
+            plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", None, cfg.ppod.train,
+                                   cfg.ppod.ce_weight, teachers))
+            latest[st.student] = plans[-1].name
+    if cfg.tcrd.enabled:
+        tc = cfg.tcrd
+        init = _need(latest, tc.student, "tcrd")
+        base = init.removesuffix("-direct")
+        teachers = [{"stage": _need(latest, lv, "tcrd"), "weight": w, "temperature": tc.temperature,
+                     "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
+        plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
+                               tc.sharpness))
+    return plans
+
+
+def _need(latest: dict[str, str], level: str, section: str) -> str:
+    if level not in latest:
+        raise ConfigError(f"{section} needs a trained {level!r}: list it under direct.levels or an earlier ppod stage")
+    return latest[level]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -16,6 +17,22 @@ SECRET_WORDS = ("token", "password", "secret", "key")
 def tracking_uri(configured: str | None, run_root: Path) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else an absolute sqlite file beside the run dirs."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root.resolve()}/mlflow.db"
+
+
+@contextmanager
+def using_store(uri: str, experiment: str) -> Iterator[None]:
+    """Point MLflow at `uri` for the block. `set_tracking_uri` also exports MLFLOW_TRACKING_URI; restore it
+    after, or a later run in the same process would inherit this run's store."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def check_reachable(uri: str) -> None:

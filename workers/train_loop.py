@@ -6,17 +6,19 @@ per-step metrics to the stage's MLflow run, evaluates on the validation split, a
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from collections import deque
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from workers.losses import coupling_weights, cross_entropy, topk_forward_kl
 from workers.metrics import binary_metrics
 from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_model_dir
 from workers.prompts import collate, model_inputs
@@ -73,8 +75,8 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def train_loop_per_worker(cfg: dict) -> dict:
-    """Ray Train entry point. `cfg`: model_dir, out_dir, train (TrainConfig dict), n_units, threads, seed,
-    tracking {uri, run_id} or None. Returns the final validation metrics (rank 0)."""
+    """Ray Train entry point. `cfg`: model_dir, out_dir, train (TrainConfig dict), loss (see `StageLoss`),
+    n_units, threads, seed, tracking {uri, run_id} or None. Returns final validation metrics (rank 0)."""
     import ray.train
     import ray.train.torch
 
@@ -85,6 +87,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     tc = cfg["train"]
     model, processor = load_model_dir(cfg["model_dir"])
     label_ids = label_word_ids(processor.tokenizer)
+    stage_loss = StageLoss(cfg["loss"], label_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     step = _resume(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -97,34 +100,94 @@ def train_loop_per_worker(cfg: dict) -> dict:
     ddp_model.train()
     while step < total:
         epoch_end = min(total, (step // steps_per_epoch + 1) * steps_per_epoch)
-        batches = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy", prefetch_batches=2,
-                                     drop_last=True)
-        t_wait = time.perf_counter()
-        for raw in batches:
-            if step >= epoch_end:
-                break
-            batch = collate(raw, pad_id, image_id)
+        raw_batches = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy", prefetch_batches=2,
+                                         drop_last=True)
+        batches = (collate(raw, pad_id, image_id) for raw in itertools.islice(raw_batches, epoch_end - step))
+        for batch, pending in stage_loss.with_teacher_outputs(batches):
+            teacher_out, teacher_wait = stage_loss.wait(pending)
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = tc["lr"] * lr_at(step, total, warmup)
-            logits = answer_logits(ddp_model, batch)
-            loss = F.cross_entropy(logits, target_token_ids(batch["target"], label_ids))
+            loss, terms = stage_loss(answer_logits(ddp_model, batch), batch["target"], teacher_out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             optimizer.step()
             step += 1
-            logger.log(step, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                              "data_wait_s": t0 - t_wait, "student_step_s": time.perf_counter() - t0},
+            logger.log(step, {"loss": loss.item(), **terms, "lr": optimizer.param_groups[0]["lr"],
+                              "teacher_wait_s": teacher_wait, "student_step_s": time.perf_counter() - t0},
                        every=tc["log_every"])
-            t_wait = time.perf_counter()
         metrics = _evaluate_rank0(model, processor, label_ids, tc["batch_size"]) if rank == 0 else {}
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
         _report(model, processor, optimizer, step, metrics, rank)
     if rank == 0:
         save_model_dir(model, processor, cfg["out_dir"])
     logger.flush()
-    return _evaluate_rank0(model, processor, label_ids, tc["batch_size"]) if rank == 0 else {}
+    if rank != 0:
+        return {}
+    return {**_evaluate_rank0(model, processor, label_ids, tc["batch_size"]), "world_size": world, "steps": step}
+
+
+class StageLoss:
+    """The stage's objective: ce_weight·CE(ground truth) + Σ_t weight_t·KL_topk(teacher_t ‖ student) at
+    temperature T_t, each teacher optionally coupled (per-sample weights from its agreement with the
+    ground truth, `losses.coupling_weights`). With no teachers it is plain direct tuning.
+
+    Teacher outputs for batch i+`prefetch` are requested before step i is computed, so teacher latency
+    hides behind student compute; each batch carries its own requests, so outputs never cross batches.
+    """
+
+    def __init__(self, cfg: dict, label_ids: tuple[int, int]):
+        self.cfg, self.label_ids = cfg, label_ids
+        self.teachers = []
+        if cfg.get("teachers"):
+            from workers.teacher import TeacherPool
+
+            self.teachers = [(t, TeacherPool.connect(t["name"], t["replicas"])) for t in cfg["teachers"]]
+
+    def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
+        """Yield (batch, pending teacher requests) keeping `prefetch` batches in flight ahead."""
+        if not self.teachers:
+            yield from ((b, []) for b in batches)
+            return
+        from workers.teacher import to_numpy_inputs
+
+        queue: deque = deque()
+        for batch in batches:
+            wire = to_numpy_inputs(batch)
+            queue.append((batch, [pool.submit(wire, self.cfg["k"], t["temperature"]) for t, pool in self.teachers]))
+            if len(queue) > self.cfg.get("prefetch", 1):
+                yield queue.popleft()
+        yield from queue
+
+    def wait(self, pending: list) -> tuple[list[dict], float]:
+        if not pending:
+            return [], 0.0
+        import ray
+
+        from workers.teacher import from_wire
+
+        t0 = time.perf_counter()
+        outs = [from_wire(o) for o in ray.get(pending)]
+        return outs, time.perf_counter() - t0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 teacher_outs: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        ce = cross_entropy(logits, target_token_ids(targets, self.label_ids))
+        loss = self.cfg.get("ce_weight", 1.0) * ce
+        terms = {"loss_ce": ce.item()}
+        for (t, _), out in zip(self.teachers, teacher_outs):
+            tag = t["stage"].replace("+", "_")  # '+' is not valid in an MLflow key
+            weights = None
+            if t.get("coupled"):
+                p_pos = torch.softmax(out["label_logits"], dim=-1)[:, 0]
+                weights = coupling_weights(p_pos, targets, sharpness=self.cfg.get("sharpness", 10.0))
+                terms[f"coupling_{tag}"] = weights.mean().item()
+            kd = topk_forward_kl(logits, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"],
+                                 temperature=t["temperature"], weights=weights)
+            loss = loss + t["weight"] * kd
+            terms[f"loss_kd_{tag}"] = kd.item()
+        return loss, terms
 
 
 def _evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
