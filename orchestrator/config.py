@@ -68,6 +68,7 @@ class LevelConfig(Strict):
     vision_hidden: int = Field(96, ge=8)
     vision_depth: int = Field(1, ge=1)
     vision_heads: int = Field(2, ge=1)
+    init_std: float | None = Field(None, gt=0, description="weight init std; default 1/sqrt(hidden)")
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:

@@ -72,6 +72,7 @@ class LevelShape:
     vision_hidden: int
     vision_depth: int
     vision_heads: int
+    init_std: float | None = None  # None: 1/sqrt(hidden)
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -112,12 +113,15 @@ def build_image_processor(image_size: int) -> Qwen2VLImageProcessorPil:
 def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config of the given shape over the shared tokenizer."""
     head_dim = shape.hidden // shape.heads
+    # HF's default std of 0.02 suits widths in the thousands; at tiny widths it leaves attention nearly
+    # uniform and image–text binding stalls for thousands of steps. 1/sqrt(width) learns it in tens.
+    std = shape.init_std or shape.hidden ** -0.5
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"], initializer_range=std,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": _mrope_section(head_dim)},
     )
@@ -125,11 +129,12 @@ def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen2
         depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
         num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+        initializer_range=shape.vision_hidden ** -0.5,
     )
     return Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False, initializer_range=std,
     )
 
 
