@@ -48,9 +48,9 @@ def predict(model: torch.nn.Module, batches: Iterable[dict], label_ids: tuple[in
     model.eval()
     uids, probs, targets = [], [], []
     for batch in batches:
-        probs.append(positive_prob(answer_logits(model, batch), label_ids).numpy())
+        probs.append(positive_prob(answer_logits(model, batch), label_ids).cpu().numpy())
         uids.extend(batch["uid"])
-        targets.append(batch["target"].numpy())
+        targets.append(batch["target"].cpu().numpy())
     model.train(was_training)
     return {"uid": np.array(uids), "prob": np.concatenate(probs), "target": np.concatenate(targets)}
 

@@ -1,0 +1,88 @@
+"""Does asking for batch i+1's teacher outputs before step i hide teacher latency?
+
+Runs the same distillation steps (student in this process, one thread; teacher in a Ray actor, one thread —
+separate CPU shares) with prefetch depth 0 and with depth 1 and 2, through the training loop's own
+`StageLoss`, and prints step time / max(teacher time, student time) for each: 1.0 is perfect overlap,
+(teacher + student) / max(...) is none.
+
+    python bench/overlap.py [--steps 30] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from workers import synth
+from workers.data import load_jsonl
+from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
+from workers.prompts import collate, encode_units, expand_units
+from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
+from workers.train_loop import StageLoss, answer_logits
+
+TEACHER = LevelShape(256, 4, 4, 2, 704, 192, 2, 3)
+STUDENT = LevelShape(128, 2, 2, 1, 352, 96, 1, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="overlap-"))
+    synth.generate(work / "data", seed=0, n_train=args.steps * args.batch // 3 + 8, n_val=1, n_test=1)
+    records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
+    units = expand_units(records)
+    tokenizer = build_tokenizer([u["text"] for u in units] + synth.sample_texts(200))
+    teacher_dir = build_level(work / "teacher", TEACHER, tokenizer, 112)
+    student_dir = build_level(work / "student", STUDENT, tokenizer, 112)
+    model, processor = load_model_dir(student_dir)
+    pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
+    batches = [collate(encode_units(units[i:i + args.batch], processor), pad, img)
+               for i in range(0, args.steps * args.batch, args.batch)]
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    pool = TeacherPool.start("overlap", teacher_dir, replicas=1, num_cpus=1, threads=1)
+    label_ids = label_word_ids(processor.tokenizer)
+    ray.get(pool.submit(to_numpy_inputs(batches[0]), 16, 4.0))  # warm-up
+    t0 = time.perf_counter()
+    cached = [[from_wire(ray.get(pool.submit(to_numpy_inputs(b), 16, 4.0)))] for b in batches]
+    teacher_s = (time.perf_counter() - t0) / len(batches)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rows = {"teacher_s": teacher_s}
+    for depth in (None, 0, 1, 2):  # None: student alone, on cached teacher outputs
+        loss_fn = StageLoss({"ce_weight": 0.5, "k": 16, "prefetch": depth or 0,
+                             "teachers": [{"name": "overlap", "stage": "T", "replicas": 1, "weight": 1.0,
+                                           "temperature": 4.0}]}, label_ids)
+        pairs = zip(batches, cached) if depth is None else loss_fn.with_teacher_outputs(batches)
+        t0 = time.perf_counter()
+        for b, pending in pairs:
+            outs = pending if depth is None else loss_fn.wait(pending)[0]
+            loss, _ = loss_fn(answer_logits(model, b), b["target"], outs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rows["student_s" if depth is None else f"prefetch_{depth}"] = (time.perf_counter() - t0) / len(batches)
+    student_s = rows["student_s"]
+    pool.shutdown()
+    ray.shutdown()
+
+    bound = max(teacher_s, student_s)
+    print(f"teacher {teacher_s * 1e3:.0f} ms/batch, student {student_s * 1e3:.0f} ms/step "
+          f"(no overlap would be {(teacher_s + student_s) / bound:.2f}x max)")
+    for depth in (0, 1, 2):
+        step = rows[f"prefetch_{depth}"]
+        print(f"prefetch {depth}: {step * 1e3:.0f} ms/step, step / max(teacher, student) = {step / bound:.2f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
