@@ -1,4 +1,4 @@
-"""`hkd`: run a pipeline, generate or validate data, evaluate a model dir."""
+"""`hkd`: run a pipeline, generate or validate data, evaluate, calibrate or predict with a model dir."""
 
 from __future__ import annotations
 
@@ -47,8 +47,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model_dir")
     e.add_argument("files", nargs="+")
     e.add_argument("--json", action="store_true", help="one JSON object per file and task")
+    _inference_flags(e)
     e.set_defaults(func=_evaluate)
+
+    c = sub.add_parser("calibrate", help="fit the per-task mapping shift on labelled validation files")
+    c.add_argument("model_dir")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--tta", action="store_true", help="calibrate on flip-averaged margins (to use with --tta)")
+    c.set_defaults(func=_calibrate)
+
+    pr = sub.add_parser("predict", help="write one prediction per record of a (possibly unlabelled) JSONL file")
+    pr.add_argument("model_dir")
+    pr.add_argument("file")
+    pr.add_argument("--out", required=True, help="predictions JSONL")
+    _inference_flags(pr)
+    pr.set_defaults(func=_predict)
     return p
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-shift", action="store_true", help="ignore the stored mapping shift")
+    p.add_argument("--tta", action="store_true", help="average the margin with the horizontally flipped view")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -78,10 +97,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from workers.data import load_jsonl
     from workers.evaluate import score_records
 
-    if not (Path(args.model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model_dir}: not a model dir (config.json missing)")
+    _check_model_dir(args.model_dir)
     for path in args.files:
-        scored = score_records(args.model_dir, load_jsonl(path, require_labels=True))
+        scored = score_records(args.model_dir, load_jsonl(path, require_labels=True),
+                               shift={} if args.no_shift else None, tta=args.tta)
         for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
             m = scored["metrics"]
             row = {"file": path, "task": task, "n": sum(u["task"] == task for u in scored["units"]),
@@ -90,6 +109,43 @@ def _evaluate(args: argparse.Namespace) -> None:
                   f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "
                   f"auroc={row['auroc']:.4f} ece={row['ece']:.4f}")
 
+
+def _calibrate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from workers.calibration import calibrate, store_shift
+    from workers.data import load_jsonl
+    from workers.evaluate import score_records
+
+    _check_model_dir(args.model_dir)
+    records = [r for path in args.files for r in load_jsonl(path, require_labels=True)]
+    scored = score_records(args.model_dir, records, shift={}, tta=args.tta)
+    tasks = np.array([u["task"] for u in scored["units"]])
+    targets = np.array([u["target"] for u in scored["units"]])
+    results = {t: calibrate(scored["margin"][tasks == t], targets[tasks == t]) for t in sorted(set(tasks.tolist()))}
+    store_shift(args.model_dir, {t: r["offset"] for t, r in results.items()})
+    print(f"{'task':<14} {'n':>6} {'offset':>9} {'f1 before':>10} {'f1 after':>9} {'ece before':>11} {'ece after':>10}")
+    for t, r in results.items():
+        print(f"{t:<14} {int(np.sum(tasks == t)):>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
+              f"{r['f1_after']:>9.4f} {r['ece_before']:>11.4f} {r['ece_after']:>10.4f}")
+    print(f"mapping shift stored in {Path(args.model_dir) / 'hkd.json'}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from workers.data import load_jsonl
+    from workers.evaluate import prediction_rows, score_records
+
+    _check_model_dir(args.model_dir)
+    records = load_jsonl(args.file, require_labels=False)
+    scored = score_records(args.model_dir, records, shift={} if args.no_shift else None, tta=args.tta)
+    rows = prediction_rows(records, scored)
+    Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{len(rows)} predictions written to {args.out}")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model dir (config.json missing)")
 
 if __name__ == "__main__":
     sys.exit(main())

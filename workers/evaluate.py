@@ -1,36 +1,113 @@
-"""Score records with a model dir in the current process (test splits, `hkd evaluate`)."""
+"""Score records with a model dir in the current process (test splits, `hkd evaluate|predict|calibrate`)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
+from workers.calibration import flip_text, load_shift, sigmoid
+from workers.metrics import binary_metrics
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import predict, task_metrics
+from workers.train_loop import answer_logits, task_metrics
 
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,
-                  threads: int | None = None) -> dict:
-    """P(positive) per unit plus metrics per task (when labelled) and inference samples/s."""
+                  threads: int | None = None, shift: dict[str, float] | None = None,
+                  tta: bool = False) -> dict:
+    """Margin and P(positive) per unit, metrics per task (when labelled) and inference samples/s.
+
+    `margin` is logit(yes) − logit(no), averaged with the horizontally flipped view when `tta` (image mirrored,
+    left/right swapped in the text). `prob` = sigmoid(margin + shift[task]), and the metrics use it; `shift`
+    defaults to the offsets stored in the model dir (`{}` scores without a shift).
+    """
     if threads:
         torch.set_num_threads(threads)
+    shift = load_shift(model_dir) if shift is None else shift
     model, processor = load_model_dir(model_dir)
     label_ids = label_word_ids(processor.tokenizer)
     units = expand_units(records)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
+
+    def margins_of(batch_units: list[dict]) -> np.ndarray:
+        batches = (collate(encode_units(batch_units[i:i + batch_size], processor), pad_id, image_id)
+                   for i in range(0, len(batch_units), batch_size))
+        return _margins(model, batches, label_ids)
+
     start = time.perf_counter()
-    batches = (collate(encode_units(units[i:i + batch_size], processor), pad_id, image_id)
-               for i in range(0, len(units), batch_size))
-    pred = predict(model, batches, label_ids)
+    margin = margins_of(units)
+    if tta:
+        with tempfile.TemporaryDirectory(prefix="hkd-tta-") as tmp:
+            margin = (margin + margins_of(_flipped(units, Path(tmp)))) / 2
     elapsed = time.perf_counter() - start
     tasks = np.array([u["task"] for u in units])
-    labelled = pred["target"] >= 0
+    prob = sigmoid(margin + np.array([shift.get(t, 0.0) for t in tasks.tolist()]))
+    target = np.array([u["target"] for u in units])
+    labelled = target >= 0
     metrics = {}
     if labelled.any():
-        metrics = task_metrics({k: v[labelled] for k, v in pred.items()}, tasks[labelled])
-    return {"units": units, "prob": pred["prob"], "metrics": metrics,
+        metrics = task_metrics({"prob": prob[labelled], "target": target[labelled]}, tasks[labelled])
+    return {"units": units, "margin": margin, "prob": prob, "metrics": metrics,
             "samples_per_s": len(units) / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def _margins(model: torch.nn.Module, batches: Iterable[dict], label_ids: tuple[int, int]) -> np.ndarray:
+    """logit(positive word) − logit(negative word) for every unit, in order (float64)."""
+    model.eval()
+    out = [(logits[:, label_ids[0]] - logits[:, label_ids[1]]).double().numpy()
+           for logits in (answer_logits(model, b) for b in batches)]
+    return np.concatenate(out)
+
+
+def _flipped(units: list[dict], tmp: Path) -> list[dict]:
+    """The units' mirror view: each distinct image mirrored once into `tmp`, left/right swapped in the text."""
+    paths: dict[str, str] = {}
+    for u in units:
+        if u["image"] not in paths:
+            paths[u["image"]] = str(tmp / f"{len(paths)}.png")
+            with Image.open(u["image"]) as im:
+                ImageOps.mirror(im.convert("RGB")).save(paths[u["image"]])
+    return [{**u, "image": paths[u["image"]], "text": flip_text(u["text"])} for u in units]
+
+
+def prediction_rows(records: list[dict], scored: dict) -> list[dict]:
+    """One output row per record, in order: Task 1 `{id, hallucinated, scores}`, Task 2 `{id, label, score}`;
+    scores are P(positive) after the shift and decisions are score ≥ 0.5."""
+    probs: dict[str, list[float]] = {}
+    for unit, p in zip(scored["units"], scored["prob"].tolist()):
+        probs.setdefault(unit["record_id"], []).append(p)
+    rows = []
+    for rec in records:
+        p = probs[rec["id"]]
+        if rec["task"] == "hallucination":
+            rows.append({"id": rec["id"], "hallucinated": [s >= 0.5 for s in p], "scores": p})
+        else:
+            rows.append({"id": rec["id"], "label": p[0] >= 0.5, "score": p[0]})
+    return rows
+
+
+def score_predictions(rows: list[dict], records: list[dict]) -> dict[str, dict[str, float]]:
+    """Metrics per task of prediction rows (as `prediction_rows` writes them) against labelled records."""
+    by_id = {r["id"]: r for r in rows}
+    scores: dict[str, list[float]] = {}
+    targets: dict[str, list[int]] = {}
+    for rec in records:
+        if rec["id"] not in by_id:
+            raise ValueError(f"no prediction for record {rec['id']!r}")
+        row = by_id[rec["id"]]
+        if rec["task"] == "hallucination":
+            rec_scores, rec_targets = row["scores"], rec["hallucinated"]
+            if len(rec_scores) != len(rec_targets):
+                raise ValueError(f"record {rec['id']!r}: {len(rec_scores)} scores for {len(rec_targets)} options")
+        else:
+            rec_scores, rec_targets = [row["score"]], [rec["label"]]
+        scores.setdefault(rec["task"], []).extend(rec_scores)
+        targets.setdefault(rec["task"], []).extend(int(t) for t in rec_targets)
+    return {task: binary_metrics(np.array(targets[task]), np.array(scores[task])) for task in sorted(scores)}

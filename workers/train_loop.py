@@ -98,11 +98,13 @@ def train_loop_per_worker(cfg: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     ddp_model.train()
+    throughput = _Throughput(tc["batch_size"] * world)
     while step < total:
         epoch_end = min(total, (step // steps_per_epoch + 1) * steps_per_epoch)
         raw_batches = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
         batches = (collate(raw, pad_id, image_id) for raw in itertools.islice(raw_batches, epoch_end - step))
+        throughput.resume()
         for batch, pending in stage_loss.with_teacher_outputs(batches):
             teacher_out, teacher_wait = stage_loss.wait(pending)
             t0 = time.perf_counter()
@@ -114,6 +116,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             optimizer.step()
             step += 1
+            throughput.tick()
             logger.log(step, {"loss": loss.item(), **terms, "lr": optimizer.param_groups[0]["lr"],
                               "teacher_wait_s": teacher_wait, "student_step_s": time.perf_counter() - t0},
                        every=tc["log_every"])
@@ -125,7 +128,29 @@ def train_loop_per_worker(cfg: dict) -> dict:
     logger.flush()
     if rank != 0:
         return {}
-    return {**_evaluate_rank0(model, processor, label_ids, tc["batch_size"]), "world_size": world, "steps": step}
+    return {**_evaluate_rank0(model, processor, label_ids, tc["batch_size"]), "world_size": world, "steps": step,
+            "train_samples_per_s": throughput.rate()}
+
+
+class _Throughput:
+    """Steady-state training samples/s: wall time between consecutive steps (data and teacher waits
+    included, evaluation excluded), skipping each epoch's first step, which pays for pipeline start-up."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step, self.seconds, self.steps, self.last = samples_per_step, 0.0, 0, None
+
+    def resume(self) -> None:
+        self.last = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.seconds += now - self.last
+            self.steps += 1
+        self.last = now
+
+    def rate(self) -> float:
+        return self.samples_per_step * self.steps / self.seconds if self.seconds else float("nan")
 
 
 class StageLoss:
@@ -139,23 +164,21 @@ class StageLoss:
 
     def __init__(self, cfg: dict, label_ids: tuple[int, int]):
         self.cfg, self.label_ids = cfg, label_ids
-        self.teachers = []
-        if cfg.get("teachers"):
-            from workers.teacher import TeacherPool
-
-            self.teachers = [(t, TeacherPool.connect(t["name"], t["replicas"])) for t in cfg["teachers"]]
+        self.teachers: list[dict] = cfg.get("teachers") or []
 
     def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
         """Yield (batch, pending teacher requests) keeping `prefetch` batches in flight ahead."""
         if not self.teachers:
             yield from ((b, []) for b in batches)
             return
-        from workers.teacher import to_numpy_inputs
+        from workers.teacher import TeacherPool, to_numpy_inputs
 
+        pools = [TeacherPool.connect(t["name"], t["replicas"]) for t in self.teachers]
         queue: deque = deque()
         for batch in batches:
             wire = to_numpy_inputs(batch)
-            queue.append((batch, [pool.submit(wire, self.cfg["k"], t["temperature"]) for t, pool in self.teachers]))
+            queue.append((batch, [pool.submit(wire, self.cfg["k"], t["temperature"])
+                                  for t, pool in zip(self.teachers, pools)]))
             if len(queue) > self.cfg.get("prefetch", 1):
                 yield queue.popleft()
         yield from queue
@@ -176,7 +199,7 @@ class StageLoss:
         ce = cross_entropy(logits, target_token_ids(targets, self.label_ids))
         loss = self.cfg.get("ce_weight", 1.0) * ce
         terms = {"loss_ce": ce.item()}
-        for (t, _), out in zip(self.teachers, teacher_outs):
+        for t, out in zip(self.teachers, teacher_outs):
             tag = t["stage"].replace("+", "_")  # '+' is not valid in an MLflow key
             weights = None
             if t.get("coupled"):

@@ -1,0 +1,101 @@
+"""What does Ray orchestration cost? Steady-state distillation samples/s, Ray vs one process.
+
+Ray: a teacher actor (1 CPU) and a Ray Train worker (1 CPU) fed by Ray Data, through `fit_stage` — the code
+`hkd run` uses. In-process: the same teacher and student models in this process (2 threads), teacher forward
+then student step on each batch, no Ray. Same data, batch size, loss (CE + top-k KD at T=4).
+
+    python bench/overhead.py [--steps 40] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.data
+import torch
+
+from orchestrator.config import Resources, TrainConfig
+from orchestrator.stages import fit_stage
+from workers import synth
+from workers.data import load_jsonl
+from workers.losses import teacher_topk
+from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
+from workers.prompts import collate, encode_units, expand_units
+from workers.teacher import TeacherPool
+from workers.train_loop import StageLoss, answer_logits
+
+TEACHER = LevelShape(256, 4, 4, 2, 704, 192, 2, 3)
+STUDENT = LevelShape(128, 2, 2, 1, 352, 96, 1, 2)
+K, T = 16, 4.0
+
+
+def in_process(teacher_dir: Path, student_dir: Path, units: list[dict], batch: int, steps: int) -> float:
+    torch.set_num_threads(2)
+    teacher, _ = load_model_dir(teacher_dir)
+    teacher.eval().requires_grad_(False)
+    student, processor = load_model_dir(student_dir)
+    label_ids = label_word_ids(processor.tokenizer)
+    pad, img = processor.tokenizer.pad_token_id, student.config.image_token_id
+    batches = [collate(encode_units(units[i:i + batch], processor), pad, img)
+               for i in range(0, steps * batch, batch)]
+    loss_fn = StageLoss({"ce_weight": 0.5, "teachers": [{"stage": "T", "weight": 1.0, "temperature": T}]},
+                        label_ids)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    start = None
+    for i, b in enumerate(batches):
+        if i == 2:
+            start = time.perf_counter()
+        with torch.no_grad():
+            lp, ids, tail = teacher_topk(answer_logits(teacher, b), K, T)
+        loss, _ = loss_fn(answer_logits(student, b), b["target"],
+                          [{"topk_logprobs": lp, "topk_ids": ids, "tail_logprob": tail}])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return batch * (len(batches) - 2) / (time.perf_counter() - start)
+
+
+def with_ray(work: Path, teacher_dir: Path, student_dir: Path, units: list[dict], batch: int, steps: int) -> float:
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    _, processor = load_model_dir(student_dir)
+    ds = ray.data.from_items(units[:steps * batch]).map_batches(
+        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
+    val = ray.data.from_items(units[:batch]).map_batches(
+        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
+    pool = TeacherPool.start("overhead", teacher_dir, replicas=1, num_cpus=1, threads=1)
+    loss = {"ce_weight": 0.5, "k": K, "prefetch": 2, "teachers": [
+        {"name": "overhead", "stage": "T", "replicas": 1, "weight": 1.0, "temperature": T, "coupled": False}]}
+    val_metrics = fit_stage("overhead", student_dir, work / "out", ds, val,
+                            TrainConfig(epochs=1, batch_size=batch, log_every=1000), loss,
+                            Resources(num_workers=1, cpus_per_worker=1), work / "ray", 0, None)
+    pool.shutdown()
+    ray.shutdown()
+    return val_metrics["train_samples_per_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="overhead-"))
+    synth.generate(work / "data", seed=0, n_train=args.steps * args.batch // 3 + 8, n_val=1, n_test=1)
+    records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
+    units = expand_units(records)
+    tokenizer = build_tokenizer([u["text"] for u in units] + synth.sample_texts(200))
+    teacher_dir = build_level(work / "teacher", TEACHER, tokenizer, 112)
+    student_dir = build_level(work / "student", STUDENT, tokenizer, 112)
+    local = in_process(teacher_dir, student_dir, units, args.batch, args.steps)
+    orchestrated = with_ray(work, teacher_dir, student_dir, units, args.batch, args.steps)
+    print(f"in-process {local:.1f} samples/s, Ray (actor + TorchTrainer) {orchestrated:.1f} samples/s, "
+          f"ratio Ray / in-process = {orchestrated / local:.2f}")
+    print(json.dumps({"in_process": local, "ray": orchestrated, "ratio": orchestrated / local}))
+
+
+if __name__ == "__main__":
+    main()
