@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import ray
 import ray.data
 
@@ -18,6 +19,7 @@ from orchestrator.report import write_report
 from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
 from workers import synth
+from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records
 from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
@@ -46,7 +48,7 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
         log_params(flatten(cfg.model_dump()))
         try:
             for i, plan in enumerate(plans):
-                rows[plan.name] = _stage(cfg, run_dir, plan, init_dirs, encoded, splits["test"], uri, pools, log)
+                rows[plan.name] = _stage(cfg, run_dir, plan, init_dirs, encoded, splits, uri, pools, log)
                 for key, value in rows[plan.name]["test"].items():
                     mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not a valid key
                 _release_pools(pools, plans[i + 1:])
@@ -118,7 +120,7 @@ def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, Path],
-           encoded: dict[str, ray.data.Dataset], test_records: list[dict], uri: str, pools: dict, log) -> dict:
+           encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str, pools: dict, log) -> dict:
     """Train, test and record one stage, unless an earlier attempt already finished it."""
     stage_file = run_dir / "stages" / f"{plan.name}.json"
     done = stage_done(stage_file)
@@ -145,18 +147,34 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
         log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
         val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
                         cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
-        scored = score_records(out_dir, test_records, threads=os.cpu_count())
+        scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
+        shift = calibrate_model(out_dir, splits["val"])
+        shifted = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift=shift["offsets"])
         model, _ = load_model_dir(out_dir)
         result = {"level": plan.level, "kind": plan.kind, "val": val, "test": scored["metrics"],
-                  "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
-                  "wall_s": time.time() - start, "model_dir": str(out_dir)}
+                  "test_shift": shifted["metrics"], "shift": shift, "params": count_parameters(model),
+                  "samples_per_s": scored["samples_per_s"], "wall_s": time.time() - start,
+                  "model_dir": str(out_dir)}
         mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
+        mlflow.log_metrics({f"test_shift/{k}": v for k, v in shifted["metrics"].items()})
         mlflow.log_metrics({"params": result["params"], "wall_s": result["wall_s"]})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
     mark_done(stage_file, result)
     log(f"[{plan.name}] test {json.dumps({k: round(v, 4) for k, v in scored['metrics'].items()})} "
         f"({result['wall_s']:.0f}s)")
     return result
+
+
+def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:
+    """Mapping shift: per-task offset on the label-word margin that maximises validation macro-F1,
+    stored in the model dir (used by `hkd evaluate` and `hkd predict`)."""
+    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={})
+    tasks = np.array([u["task"] for u in scored["units"]])
+    targets = np.array([u["target"] for u in scored["units"]])
+    per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in sorted(set(tasks))}
+    offsets = {task: c["offset"] for task, c in per_task.items()}
+    store_shift(model_dir, offsets)
+    return {"offsets": offsets, "val": per_task}
 
 
 def model_dir(run_dir: Path, stage: str) -> Path:

@@ -10,16 +10,21 @@ COLUMNS = ("f1", "accuracy", "auroc", "ece")
 
 
 def write_report(run_dir: Path, rows: dict[str, dict]) -> dict:
-    """Per row (stage) and task: test f1, accuracy, auroc, ece; plus params and inference samples/s."""
-    report = {"rows": {
-        name: {
-            "level": row["level"], "params": row["params"], "samples_per_s": row["samples_per_s"],
-            **{task: {c: row["test"].get(f"{task}/{c}") for c in COLUMNS} for task in TASKS},
-        } for name, row in rows.items()
-    }}
+    """Per row (stage) and task: test f1, accuracy, auroc, ece; plus params and inference samples/s.
+    The last stage gets a second row, `+shift`, scored with its calibrated mapping shift."""
+    table = {name: _row(row, row["test"]) for name, row in rows.items()}
+    if rows:
+        last = list(rows)[-1]
+        table[f"{last}+shift"] = _row(rows[last], rows[last]["test_shift"])
+    report = {"rows": table}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(markdown_table(report))
     return report
+
+
+def _row(row: dict, metrics: dict) -> dict:
+    return {"level": row["level"], "params": row["params"], "samples_per_s": row["samples_per_s"],
+            **{task: {c: metrics.get(f"{task}/{c}") for c in COLUMNS} for task in TASKS}}
 
 
 def markdown_table(report: dict) -> str:

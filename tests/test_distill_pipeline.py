@@ -62,7 +62,8 @@ def test_full_method_runs_with_teacher_actors(config_path, tmp_path, capsys):
     finally:
         ray.shutdown()
     report = json.loads((run_dir / "report.json").read_text())
-    assert list(report["rows"]) == ["L-direct", "M-direct", "S-direct", "M+PPOD", "S+PPOD", "S+PPOD+TCRD"]
+    assert list(report["rows"]) == ["L-direct", "M-direct", "S-direct", "M+PPOD", "S+PPOD", "S+PPOD+TCRD",
+                                    "S+PPOD+TCRD+shift"]
     for stage in ("M+PPOD", "S+PPOD", "S+PPOD+TCRD"):
         assert (run_dir / "models" / stage / "model.safetensors").is_file()
 

@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from orchestrator.cli import main
+from workers.calibration import load_shift
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 
@@ -37,12 +38,13 @@ def test_run_end_to_end(tmp_path, workers, capsys):
     run_dir = tmp_path / "runs" / "r"
     assert main(["run", _config(tmp_path, workers), "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["rows"]) == {"L-direct", "S-direct"}
+    assert list(report["rows"]) == ["L-direct", "S-direct", "S-direct+shift"]
     for row in report["rows"].values():
         for task in ("hallucination", "factuality"):
             assert 0 <= row[task]["f1"] <= 1 and row[task]["auroc"] is not None
     for level in ("L", "S"):
         assert (run_dir / "models" / level / "model.safetensors").is_file()
+        assert set(load_shift(run_dir / "models" / level)) == {"hallucination", "factuality"}
         stage = json.loads((run_dir / "stages" / f"{level}-direct.json").read_text())
         assert stage["val"]["world_size"] == workers and stage["val"]["steps"] >= 2
     assert "| L-direct |" in capsys.readouterr().out
