@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -520,6 +519,9 @@ class BenchTeacher:
         shape = dict(shape, fullatt=tuple(shape["fullatt"]))
         self.model = build_model(Shape(**shape), self.device, self.dtype, attn).eval().requires_grad_(False)
         self.label_ids = tuple(label_ids)
+        # Only rows a student shares: the 7B pads its table to 152,064 rows, the 3B to 151,936 (the real
+        # tokenizer has 151,665); ids beyond the student's table would index out of range in the KD.
+        self.shared_vocab = min(TEACHER_7B.vocab, STUDENT_3B.vocab) if not tiny else None
         self.build_s = time.perf_counter() - t
         self.served = 0
 
@@ -534,7 +536,8 @@ class BenchTeacher:
         for key, value in batch.items():
             tensor = torch.tensor(value, device=self.device)  # copies: the arrays Ray hands us are read-only
             inputs[key] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-        out = wire_outputs(answer_logits(self.model, inputs), self.label_ids, k, temperature)
+        logits = answer_logits(self.model, inputs)[:, :self.shared_vocab]
+        out = wire_outputs(logits, self.label_ids, k, temperature)
         self.served += 1
         return out
 

@@ -23,17 +23,13 @@ from workers.data import load_jsonl
 from workers.losses import cross_entropy
 from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, lr_at, predict, target_token_ids, task_metrics
+from workers.train_loop import answer_logits, lr_at, predict, target_token_ids, task_metrics, to_device
 
 SHAPES = {
     "L": LevelShape(512, 8, 8, 4, 1408, 384, 4, 6),
     "M": LevelShape(256, 4, 4, 2, 704, 192, 2, 3),
     "S": LevelShape(128, 2, 2, 1, 352, 96, 1, 2),
 }
-
-
-def _to(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def curve(model_dir: Path, train: dict, val: dict, steps: int, batch_size: int, lr: float, eval_every: int,
@@ -44,7 +40,7 @@ def curve(model_dir: Path, train: dict, val: dict, steps: int, batch_size: int, 
     label_ids = label_word_ids(processor.tokenizer)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     n = len(train["uid"])
-    val_batches = [_to(collate({k: v[i:i + 256] for k, v in val.items()}, pad_id, image_id), device)
+    val_batches = [to_device(collate({k: v[i:i + 256] for k, v in val.items()}, pad_id, image_id), device)
                    for i in range(0, len(val["uid"]), 256)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
@@ -54,7 +50,7 @@ def curve(model_dir: Path, train: dict, val: dict, steps: int, batch_size: int, 
             order, pos = rng.permutation(n), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        batch = _to(collate({k: v[idx] for k, v in train.items()}, pad_id, image_id), device)
+        batch = to_device(collate({k: v[idx] for k, v in train.items()}, pad_id, image_id), device)
         for group in opt.param_groups:
             group["lr"] = lr * lr_at(step, steps, max(1, steps // 20))
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
@@ -95,10 +91,12 @@ def main() -> None:
     units = {s: expand_units(r) for s, r in records.items()}
     tokenizer = build_tokenizer([u["text"] for u in units["train"]] + synth.sample_texts(500))
     summary = {"device": args.device, "spec": json.loads(args.spec), "levels": {}}
+    enc = None
     for level in args.levels.split(","):
         model_dir = build_level(work / level, SHAPES[level], tokenizer, spec.image_size, seed=args.seed)
-        _, processor = load_model_dir(model_dir)
-        enc = {s: encode_units(u, processor) for s, u in units.items()}
+        if enc is None:  # every level shares the tokenizer and image processor: encode once
+            _, processor = load_model_dir(model_dir)
+            enc = {s: encode_units(u, processor) for s, u in units.items()}
         print(f"== {level}: {len(units['train'])} train units, lr {lrs[level]}", flush=True)
         summary["levels"][level] = curve(model_dir, enc["train"], enc["val"], args.steps, args.batch,
                                          float(lrs[level]), args.eval_every, args.device, args.seed)

@@ -105,7 +105,7 @@ class Teacher:
             tensor = torch.tensor(value, device=self.device)  # copies: the arrays Ray hands us are read-only
             inputs[key] = tensor.to(self.model.dtype) if tensor.is_floating_point() else tensor
         # Same forward as `train_loop.answer_logits`, not imported so the train loop can import this module.
-        logits = self.model(**model_inputs(inputs), logits_to_keep=1).logits[:, -1].float()
+        logits = self.model(**model_inputs(inputs), logits_to_keep=1).logits[:, -1, :self.vocab].float()
         out = wire_outputs(logits, self.label_ids, k, temperature)
         self.served += 1
         return out

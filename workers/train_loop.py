@@ -31,6 +31,11 @@ def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Tensors of a batch onto the device (uids and other lists stay)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def positive_prob(logits: torch.Tensor, label_ids: tuple[int, int]) -> torch.Tensor:
     """P(positive) = softmax over the (positive, negative) label-word logits."""
     return torch.softmax(logits[:, list(label_ids)], dim=-1)[:, 0]
@@ -85,9 +90,10 @@ def train_loop_per_worker(cfg: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"] + rank)
     tc = cfg["train"]
-    model, processor = load_model_dir(cfg["model_dir"])
+    device = ray.train.torch.get_device()
+    model, processor = load_model_dir(cfg["model_dir"], device=str(device))
     label_ids = label_word_ids(processor.tokenizer)
-    stage_loss = StageLoss(cfg["loss"], label_ids)
+    stage_loss = StageLoss(cfg["loss"], label_ids, device, vocab=len(processor.tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     step = _resume(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -103,7 +109,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
         epoch_end = min(total, (step // steps_per_epoch + 1) * steps_per_epoch)
         raw_batches = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
-        batches = (collate(raw, pad_id, image_id) for raw in itertools.islice(raw_batches, epoch_end - step))
+        batches = (to_device(collate(raw, pad_id, image_id), device)
+                   for raw in itertools.islice(raw_batches, epoch_end - step))
         throughput.resume()
         for batch, pending in stage_loss.with_teacher_outputs(batches):
             teacher_out, teacher_wait = stage_loss.wait(pending)
@@ -162,8 +169,9 @@ class StageLoss:
     hides behind student compute; each batch carries its own requests, so outputs never cross batches.
     """
 
-    def __init__(self, cfg: dict, label_ids: tuple[int, int]):
-        self.cfg, self.label_ids = cfg, label_ids
+    def __init__(self, cfg: dict, label_ids: tuple[int, int], device: torch.device | str = "cpu",
+                 vocab: int | None = None):
+        self.cfg, self.label_ids, self.device, self.vocab = cfg, label_ids, device, vocab
         self.teachers: list[dict] = cfg.get("teachers") or []
 
     def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
@@ -191,11 +199,12 @@ class StageLoss:
         from workers.teacher import from_wire
 
         t0 = time.perf_counter()
-        outs = [from_wire(o) for o in ray.get(pending)]
+        outs = [to_device(from_wire(o), self.device) for o in ray.get(pending)]
         return outs, time.perf_counter() - t0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
                  teacher_outs: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = logits[:, :self.vocab]  # the shared tokenizer's rows: real sizes pad their tables differently
         ce = cross_entropy(logits, target_token_ids(targets, self.label_ids))
         loss = self.cfg.get("ce_weight", 1.0) * ce
         terms = {"loss_ce": ce.item()}
@@ -222,7 +231,7 @@ def _evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: 
     tasks, batches = [], []
     for raw in val.iter_batches(batch_size=batch_size * 2, batch_format="numpy"):
         tasks.append(raw["task"])
-        batches.append(collate(raw, pad_id, image_id))
+        batches.append(to_device(collate(raw, pad_id, image_id), model.device))
     return task_metrics(predict(model, batches, label_ids), np.concatenate(tasks))
 
 
