@@ -62,6 +62,12 @@ def _reduce(loss: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
+def _tempered(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Teacher (detached) and student log-probs at temperature T, in the student's compute dtype."""
+    log_p = _log_probs(teacher_logits.detach(), temperature).to(_compute_dtype(student_logits))
+    return log_p, _log_probs(student_logits, temperature)
+
+
 def forward_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -70,8 +76,7 @@ def forward_kl(
     weights: Tensor | None = None,
 ) -> Tensor:
     """Forward (mean-seeking) KL: ``T^2 * KL(p_T || q_S)`` per row."""
-    log_p = _log_probs(teacher_logits.detach(), temperature).to(_compute_dtype(student_logits))
-    log_q = _log_probs(student_logits, temperature)
+    log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_p, log_q) * temperature**2, weights, reduction)
 
 
@@ -83,8 +88,7 @@ def reverse_kl(
     weights: Tensor | None = None,
 ) -> Tensor:
     """Reverse (mode-seeking) KL: ``T^2 * KL(q_S || p_T)`` per row."""
-    log_p = _log_probs(teacher_logits.detach(), temperature).to(_compute_dtype(student_logits))
-    log_q = _log_probs(student_logits, temperature)
+    log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_q, log_p) * temperature**2, weights, reduction)
 
 
