@@ -21,7 +21,7 @@ from orchestrator.tracking import check_reachable, flatten, log_params, tracking
 from workers import synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
-from workers.evaluate import score_records
+from workers.evaluate import score_records, shifted
 from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
                             load_model_dir)
 from workers.prompts import encode_units, expand_units
@@ -149,14 +149,14 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
                         cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
         scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
         shift = calibrate_model(out_dir, splits["val"])
-        shifted = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift=shift["offsets"])
+        with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
         model, _ = load_model_dir(out_dir)
         result = {"level": plan.level, "kind": plan.kind, "val": val, "test": scored["metrics"],
-                  "test_shift": shifted["metrics"], "shift": shift, "params": count_parameters(model),
+                  "test_shift": with_shift["metrics"], "shift": shift, "params": count_parameters(model),
                   "samples_per_s": scored["samples_per_s"], "wall_s": time.time() - start,
                   "model_dir": str(out_dir)}
         mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
-        mlflow.log_metrics({f"test_shift/{k}": v for k, v in shifted["metrics"].items()})
+        mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
         mlflow.log_metrics({"params": result["params"], "wall_s": result["wall_s"]})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
     mark_done(stage_file, result)

@@ -46,6 +46,13 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
         with tempfile.TemporaryDirectory(prefix="hkd-tta-") as tmp:
             margin = (margin + margins_of(_flipped(units, Path(tmp)))) / 2
     elapsed = time.perf_counter() - start
+    return {"units": units, "margin": margin, **shifted(units, margin, shift),
+            "samples_per_s": len(units) / max(elapsed, 1e-9)}
+
+
+def shifted(units: list[dict], margin: np.ndarray, shift: dict[str, float]) -> dict:
+    """P(positive) = sigmoid(margin + shift[task]) and the metrics per task on the labelled units; lets a
+    caller score another shift of the same margins without running the model again."""
     tasks = np.array([u["task"] for u in units])
     prob = sigmoid(margin + np.array([shift.get(t, 0.0) for t in tasks.tolist()]))
     target = np.array([u["target"] for u in units])
@@ -53,8 +60,7 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     metrics = {}
     if labelled.any():
         metrics = task_metrics({"prob": prob[labelled], "target": target[labelled]}, tasks[labelled])
-    return {"units": units, "margin": margin, "prob": prob, "metrics": metrics,
-            "samples_per_s": len(units) / max(elapsed, 1e-9)}
+    return {"prob": prob, "metrics": metrics}
 
 
 @torch.no_grad()
