@@ -21,16 +21,13 @@ import torch
 
 from orchestrator.config import Resources, TrainConfig
 from orchestrator.stages import fit_stage
-from workers import synth
-from workers.data import load_jsonl
+from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
-from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.models import label_word_ids, load_model_dir
+from workers.prompts import collate, encode_units
 from workers.teacher import TeacherPool
 from workers.train_loop import StageLoss, answer_logits
 
-TEACHER = LevelShape(256, 4, 4, 2, 704, 192, 2, 3)
-STUDENT = LevelShape(128, 2, 2, 1, 352, 96, 1, 2)
 K, T = 16, 4.0
 
 
@@ -84,12 +81,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
-    synth.generate(work / "data", seed=0, n_train=args.steps * args.batch // 3 + 8, n_val=1, n_test=1)
-    records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
-    units = expand_units(records)
-    tokenizer = build_tokenizer([u["text"] for u in units] + synth.sample_texts(200))
-    teacher_dir = build_level(work / "teacher", TEACHER, tokenizer, 112)
-    student_dir = build_level(work / "student", STUDENT, tokenizer, 112)
+    units, teacher_dir, student_dir = tiny_pair(work, args.steps * args.batch)
     local = in_process(teacher_dir, student_dir, units, args.batch, args.steps)
     orchestrated = with_ray(work, teacher_dir, student_dir, units, args.batch, args.steps)
     print(f"in-process {local:.1f} samples/s, Ray (actor + TorchTrainer) {orchestrated:.1f} samples/s, "

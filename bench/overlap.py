@@ -19,15 +19,12 @@ from pathlib import Path
 import ray
 import torch
 
-from workers import synth
-from workers.data import load_jsonl
-from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
+from workers.models import label_word_ids, load_model_dir
+from workers.prompts import collate, encode_units
 from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
 from workers.train_loop import StageLoss, answer_logits
 
-TEACHER = LevelShape(256, 4, 4, 2, 704, 192, 2, 3)
-STUDENT = LevelShape(128, 2, 2, 1, 352, 96, 1, 2)
 
 
 def main() -> None:
@@ -37,12 +34,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="overlap-"))
-    synth.generate(work / "data", seed=0, n_train=args.steps * args.batch // 3 + 8, n_val=1, n_test=1)
-    records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
-    units = expand_units(records)
-    tokenizer = build_tokenizer([u["text"] for u in units] + synth.sample_texts(200))
-    teacher_dir = build_level(work / "teacher", TEACHER, tokenizer, 112)
-    student_dir = build_level(work / "student", STUDENT, tokenizer, 112)
+    units, teacher_dir, student_dir = tiny_pair(work, args.steps * args.batch)
     model, processor = load_model_dir(student_dir)
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
     batches = [collate(encode_units(units[i:i + args.batch], processor), pad, img)
