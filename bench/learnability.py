@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers import synth
+from workers import grounding, synth
 from workers.data import load_jsonl
 from workers.losses import cross_entropy
 from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
@@ -32,11 +32,37 @@ SHAPES = {
 }
 
 
+def pretrain(model: torch.nn.Module, processor, spec: synth.SynthSpec, steps: int, batch_size: int, lr: float,
+             device: str, seed: int) -> None:
+    """Grounding pre-training on fresh scenes (workers/grounding.py); prints the description loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        scenes = synth.random_scenes(seed * 1_000_003 + step, batch_size, spec)
+        batch = to_device(grounding.collate(grounding.encode_scenes(scenes, processor), pad_id, image_id), device)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_at(step, steps, max(1, steps // 20))
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            loss = grounding.grounding_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            print(json.dumps({"pretrain_step": step + 1, "loss": round(loss.item(), 4),
+                              "s": round(time.perf_counter() - start, 1)}), flush=True)
+
+
 def curve(model_dir: Path, train: dict, val: dict, steps: int, batch_size: int, lr: float, eval_every: int,
-          device: str, seed: int) -> list[dict]:
-    """Train one level from its init dir; validation metrics every `eval_every` steps."""
+          device: str, seed: int, spec: synth.SynthSpec, pretrain_steps: int = 0) -> list[dict]:
+    """Train one level from its init dir (after grounding pre-training, if asked); validation metrics
+    every `eval_every` steps."""
     torch.manual_seed(seed)
     model, processor = load_model_dir(model_dir, device=device)
+    if pretrain_steps:
+        pretrain(model, processor, spec, pretrain_steps, batch_size, lr, device, seed)
     label_ids = label_word_ids(processor.tokenizer)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     n = len(train["uid"])
@@ -81,7 +107,11 @@ def main() -> None:
     p.add_argument("--spec", default="{}", help="SynthSpec fields as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=int, default=0, help="grounding pre-training steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lrs = dict(item.split("=") for item in args.lr.split(","))
     spec = synth.SynthSpec(**{k: tuple(map(tuple, v)) if isinstance(v, list) and v and isinstance(v[0], list)
                               else tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.spec).items()})
@@ -99,7 +129,8 @@ def main() -> None:
             enc = {s: encode_units(u, processor) for s, u in units.items()}
         print(f"== {level}: {len(units['train'])} train units, lr {lrs[level]}", flush=True)
         summary["levels"][level] = curve(model_dir, enc["train"], enc["val"], args.steps, args.batch,
-                                         float(lrs[level]), args.eval_every, args.device, args.seed)
+                                         float(lrs[level]), args.eval_every, args.device, args.seed, spec,
+                                         args.pretrain_steps)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "learnability.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

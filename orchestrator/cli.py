@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--run-dir", help="default: runs/<config name>/")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    r.add_argument("--ablation", action="store_true",
+                   help="also run the method with each part switched off (ablation/<variant>/) and tabulate")
     r.set_defaults(func=_run)
 
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
@@ -75,8 +77,14 @@ def _run(args: argparse.Namespace) -> None:
     from orchestrator.pipeline import run
     from orchestrator.report import markdown_table
 
-    report = run(cfg, Path(args.run_dir or Path("runs") / cfg.name))
-    print(markdown_table(report))
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    if args.ablation:
+        from orchestrator.ablation import run_ablation
+
+        report = run_ablation(args.config, args.overrides, run_dir)
+        print(markdown_table(report) + "\nAblation:\n" + markdown_table({"rows": report["ablation"]}))
+    else:
+        print(markdown_table(run(cfg, run_dir)))
 
 
 def _synth(args: argparse.Namespace) -> None:

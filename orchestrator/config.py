@@ -87,6 +87,20 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
 
 
+class PretrainConfig(Strict):
+    """Grounding pre-training of the tiny levels built from config (a `path` level is pretrained already):
+    next-token loss on dense descriptions of fresh generated scenes, before any task tuning."""
+
+    enabled: bool = False
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+
+
 class DirectConfig(Strict):
     """Direct tuning on the task: the baselines, and the pyramid's top level."""
 
@@ -165,6 +179,7 @@ class RunConfig(Strict):
     vocab_size: int = Field(1024, ge=256)
     data: DataConfig = Field(default_factory=DataConfig)
     levels: dict[str, LevelConfig] = Field(default_factory=dict)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     direct: DirectConfig = Field(default_factory=DirectConfig)
     ppod: PPODConfig = Field(default_factory=lambda: PPODConfig(enabled=False))
     tcrd: TCRDConfig = Field(default_factory=lambda: TCRDConfig(enabled=False))

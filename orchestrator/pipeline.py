@@ -15,13 +15,17 @@ import ray.data
 
 from orchestrator.config import RunConfig
 from orchestrator.placement import init_ray
+from orchestrator.plots import render_plots
+from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
-from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
+from orchestrator.stages import (StagePlan, fingerprints, fit_grounding, fit_stage, mark_done, plan_stages,
+                                 stage_done, stage_tracking)
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
 from workers import synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records, shifted
+from workers.grounding import GROUNDING_PROMPT
 from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
                             load_model_dir)
 from workers.prompts import encode_units, expand_units
@@ -31,8 +35,11 @@ from workers.teacher import TeacherPool, check_compatible
 def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     """Execute the whole run; finished stages (result file present) are skipped on a re-run."""
     plans = plan_stages(cfg)
+    prints = fingerprints(cfg, plans)
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    for plan in plans:  # refuse a run dir finished under another config before doing any work
+        stage_done(run_dir / "stages" / f"{plan.name}.json", prints[plan.name])
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)
     check_reachable(uri)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -46,17 +53,24 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tag("run_dir", str(run_dir))
         log_params(flatten(cfg.model_dump()))
+        bar = stage_bar(len(plans))
         try:
             for i, plan in enumerate(plans):
-                rows[plan.name] = _stage(cfg, run_dir, plan, init_dirs, encoded, splits, uri, pools, log)
-                for key, value in rows[plan.name]["test"].items():
-                    mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not a valid key
+                result = _stage(cfg, run_dir, plan, prints[plan.name], init_dirs, encoded, splits, uri, pools, log)
+                if plan.kind != "grounding":  # pre-training has no task metrics: not a report row
+                    rows[plan.name] = result
+                    for key, value in result["test"].items():
+                        mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not valid
                 _release_pools(pools, plans[i + 1:])
+                bar.update()
         finally:
+            bar.close()
             _release_pools(pools, [])
         report = write_report(run_dir, rows)
         mlflow.log_artifact(str(run_dir / "report.json"))
         mlflow.log_artifact(str(run_dir / "report.md"))
+        for path in render_plots(run_dir, rows, report, uri):
+            mlflow.log_artifact(str(path), artifact_path="plots")
         log(f"MLflow run {parent.info.run_id} at {uri}")
     return report
 
@@ -67,9 +81,7 @@ def load_splits(cfg: RunConfig, run_dir: Path) -> dict[str, list[dict]]:
         data_dir = run_dir / "data"
         if not (data_dir / "meta.json").is_file():
             s = cfg.data.synth
-            spec = synth.SynthSpec(image_size=s.image_size, min_objects=s.min_objects, max_objects=s.max_objects,
-                                   **{k: _tuples(v) for k, v in s.spec.items()})
-            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=spec)
+            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=synth_spec(cfg))
         files = {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
     else:
         files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
@@ -79,6 +91,13 @@ def load_splits(cfg: RunConfig, run_dir: Path) -> dict[str, list[dict]]:
                                                                  require_labels=True,
                                                                  default_task=cfg.data.default_task)]
             for split, paths in files.items()}
+
+
+def synth_spec(cfg: RunConfig) -> synth.SynthSpec:
+    """The generator settings of `data.synth` (also the scenes of grounding pre-training)."""
+    s = cfg.data.synth
+    return synth.SynthSpec(image_size=s.image_size, min_objects=s.min_objects, max_objects=s.max_objects,
+                           **{k: _tuples(v) for k, v in s.spec.items()})
 
 
 def _tuples(value):
@@ -107,7 +126,7 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
 
 def _corpus(records: list[dict]) -> list[str]:
     texts = [u["text"] for u in expand_units(records)]
-    return texts + synth.sample_texts(2000)
+    return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT]
 
 
 def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
@@ -119,16 +138,48 @@ def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     ).materialize()
 
 
-def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, Path],
+def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
            encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str, pools: dict, log) -> dict:
     """Train, test and record one stage, unless an earlier attempt already finished it."""
     stage_file = run_dir / "stages" / f"{plan.name}.json"
-    done = stage_done(stage_file)
+    done = stage_done(stage_file, fingerprint)
     if done:
         log(f"[{plan.name}] already finished: skipped")
         return done
     out_dir = model_dir(run_dir, plan.name)
     init_dir = model_dir(run_dir, plan.init) if plan.init else init_dirs[plan.level]
+    length = f"{plan.train.steps} steps" if plan.kind == "grounding" else f"{plan.train.epochs} epochs"
+    log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {length}")
+    start = time.time()
+    progress = run_dir / "ray" / f"{plan.name}.progress"
+    with mlflow.start_run(run_name=plan.name, nested=True) as stage_run:
+        mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
+        with step_bar(plan.name, progress):
+            if plan.kind == "grounding":
+                log_params(flatten({"stage": plan.train.model_dump()}))
+                val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
+                                    run_dir / "ray", cfg.seed, stage_tracking(uri), progress)
+            else:
+                loss = _loss_with_teachers(cfg, run_dir, plan, init_dir, pools)
+                log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
+                val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
+                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress)
+        result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
+                  "model_dir": str(out_dir), "mlflow_run_id": stage_run.info.run_id}
+        if plan.kind != "grounding":  # pre-training has no task to test
+            result.update(_test(out_dir, splits))
+        result["wall_s"] = time.time() - start
+        mlflow.log_metric("wall_s", result["wall_s"])
+        mlflow.log_artifacts(str(out_dir), artifact_path="model")
+    mark_done(stage_file, result)
+    shown = result.get("test", val)
+    log(f"[{plan.name}] {'test' if 'test' in result else 'held-out'} "
+        f"{json.dumps({k: round(v, 4) for k, v in shown.items()})} ({result['wall_s']:.0f}s)")
+    return result
+
+
+def _loss_with_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dir: Path, pools: dict) -> dict:
+    """The stage's loss settings, starting (once per run) the teacher pools it learns from."""
     loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
             "sharpness": plan.sharpness, "teachers": []}
     for t in plan.teachers:
@@ -140,29 +191,22 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
                                                  max_restarts=cfg.teachers.max_restarts)
         loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
-    log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {plan.train.epochs} epochs")
-    start = time.time()
-    with mlflow.start_run(run_name=plan.name, nested=True):
-        mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
-        log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
-        val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
-        scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
-        shift = calibrate_model(out_dir, splits["val"])
-        with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
-        model, _ = load_model_dir(out_dir)
-        result = {"level": plan.level, "kind": plan.kind, "val": val, "test": scored["metrics"],
-                  "test_shift": with_shift["metrics"], "shift": shift, "params": count_parameters(model),
-                  "samples_per_s": scored["samples_per_s"], "wall_s": time.time() - start,
-                  "model_dir": str(out_dir)}
-        mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
-        mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
-        mlflow.log_metrics({"params": result["params"], "wall_s": result["wall_s"]})
-        mlflow.log_artifacts(str(out_dir), artifact_path="model")
-    mark_done(stage_file, result)
-    log(f"[{plan.name}] test {json.dumps({k: round(v, 4) for k, v in scored['metrics'].items()})} "
-        f"({result['wall_s']:.0f}s)")
-    return result
+    return loss
+
+
+def _test(out_dir: Path, splits: dict[str, list[dict]]) -> dict:
+    """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
+    scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
+    shift = calibrate_model(out_dir, splits["val"])
+    with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
+    model, _ = load_model_dir(out_dir)
+    mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
+    mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
+    mlflow.log_metric("params", count_parameters(model))
+    return {"test": scored["metrics"], "test_shift": with_shift["metrics"], "shift": shift,
+            "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
+            "test_units": {"task": [u["task"] for u in scored["units"]],
+                           "target": [u["target"] for u in scored["units"]], "margin": scored["margin"].tolist()}}
 
 
 def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:

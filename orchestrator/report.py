@@ -17,9 +17,18 @@ def write_report(run_dir: Path, rows: dict[str, dict]) -> dict:
         last = list(rows)[-1]
         table[f"{last}+shift"] = _row(rows[last], rows[last]["test_shift"])
     report = {"rows": table}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir, report)
     (run_dir / "report.md").write_text(markdown_table(report))
     return report
+
+
+def write_json(run_dir: Path, report: dict) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def final_row(report: dict) -> dict:
+    """The method's result: the last row (the final stage scored with its mapping shift)."""
+    return report["rows"][list(report["rows"])[-1]]
 
 
 def _row(row: dict, metrics: dict) -> dict:

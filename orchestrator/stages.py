@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +14,39 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import ConfigError, Resources, RunConfig, TrainConfig
+from orchestrator.config import ConfigError, PretrainConfig, Resources, RunConfig, TrainConfig
 from orchestrator.placement import scaling, torch_threads
+from workers.grounding import grounding_loop_per_worker
+from workers.synth import SynthSpec
 from workers.train_loop import train_loop_per_worker
 
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None) -> dict:
-    """Run one stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the stage's
-    own latest checkpoint when its storage already holds one (a re-run after a crash)."""
+              tracking: dict | None, progress: Path | None = None) -> dict:
+    """Run one task stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the
+    stage's own latest checkpoint when its storage already holds one (a re-run after a crash). Rank 0
+    writes its step count to `progress` (the driver's step bar)."""
+    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count()}
+    return _fit(train_loop_per_worker, name, init_dir, out_dir, config, res, storage, seed, tracking, progress,
+                datasets={"train": train_ds, "val": val_ds})
+
+
+def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainConfig, spec: SynthSpec,
+                  res: Resources, storage: Path, seed: int, tracking: dict | None,
+                  progress: Path | None = None) -> dict:
+    """Run one grounding pre-training stage (no dataset: scenes are generated per step)."""
+    return _fit(grounding_loop_per_worker, name, init_dir, out_dir, {"train": pretrain.model_dump(), "spec": spec},
+                res, storage, seed, tracking, progress, datasets=None)
+
+
+def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Resources, storage: Path, seed: int,
+         tracking: dict | None, progress: Path | None, datasets: dict | None) -> dict:
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={
-            "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(), "loss": loss,
-            "n_units": train_ds.count(), "threads": torch_threads(res), "seed": seed, "tracking": tracking,
+            **config, "model_dir": str(init_dir), "out_dir": str(out_dir), "threads": torch_threads(res),
+            "seed": seed, "tracking": tracking, "progress": str(progress) if progress else None,
         },
         scaling_config=scaling(res),
         run_config=TrainRunConfig(
@@ -35,8 +54,8 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
     )
     result = trainer.fit()
     if result.error:
@@ -44,9 +63,16 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
     return result.return_value or {}
 
 
-def stage_done(stage_file: Path) -> dict | None:
-    """A finished stage leaves its result file (written last, atomically); None when not finished."""
-    return json.loads(stage_file.read_text()) if stage_file.is_file() else None
+def stage_done(stage_file: Path, fingerprint: str) -> dict | None:
+    """A finished stage leaves its result file (written last, atomically); None when not finished.
+    A result from another config is refused rather than silently reused."""
+    if not stage_file.is_file():
+        return None
+    done = json.loads(stage_file.read_text())
+    if done.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{stage_file}: this stage was finished with a different config; use another "
+                          "--run-dir (or delete the file to retrain it)")
+    return done
 
 
 def mark_done(stage_file: Path, result: dict) -> None:
@@ -67,26 +93,31 @@ class StagePlan:
 
     name: str
     level: str
-    kind: str  # direct | ppod | tcrd
+    kind: str  # grounding | direct | ppod | tcrd
     init: str | None  # stage whose model initialises the student; None: the level's initial model
-    train: TrainConfig
+    train: TrainConfig | PretrainConfig
     ce_weight: float = 1.0
     teachers: list[dict] = field(default_factory=list)  # {stage, weight, temperature, coupled}
     sharpness: float = 10.0
 
 
 def plan_stages(cfg: RunConfig) -> list[StagePlan]:
-    """Direct tuning → PPOD level by level → TCRD, each part switchable (how the ablation rows are made).
+    """(Grounding pre-training of tiny levels →) direct tuning → PPOD level by level → TCRD, each part
+    switchable (how the ablation rows are made).
 
     A level's teacher model is its latest trained version: after its PPOD stage, the distilled one.
     """
-    plans = [StagePlan(f"{lv}-direct", lv, "direct", None, cfg.train_for(lv)) for lv in cfg.direct.levels]
-    latest = {p.level: p.name for p in plans}
+    trained = cfg.direct.levels + ([st.student for st in cfg.ppod.stages] if cfg.ppod.enabled else [])
+    ground = {lv: f"{lv}-grounding" for lv, lc in cfg.levels.items()
+              if cfg.pretrain.enabled and not lc.path and lv in trained}
+    plans = [StagePlan(name, lv, "grounding", None, cfg.pretrain) for lv, name in ground.items()]
+    plans += [StagePlan(f"{lv}-direct", lv, "direct", ground.get(lv), cfg.train_for(lv)) for lv in cfg.direct.levels]
+    latest = {p.level: p.name for p in plans if p.kind == "direct"}
     if cfg.ppod.enabled:
         for st in cfg.ppod.stages:
             teachers = [{"stage": _need(latest, t.level, "ppod"), "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
-            plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", None, cfg.ppod.train,
+            plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", ground.get(st.student), cfg.ppod.train,
                                    cfg.ppod.ce_weight, teachers))
             latest[st.student] = plans[-1].name
     if cfg.tcrd.enabled:
@@ -98,6 +129,23 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
                                tc.sharpness))
     return plans
+
+
+def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
+    """Per stage, a hash of everything its result depends on: data, seed, vocabulary, its level, its own
+    plan and, recursively, the stages it starts from or learns from. Equal fingerprints mean
+    interchangeable results (a re-run skips them, an ablation shares them)."""
+    run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"})
+    run["k"], run["num_workers"] = cfg.teachers.k, cfg.resources.num_workers
+    out: dict[str, str] = {}
+    for p in plans:
+        deps = ([out[p.init]] if p.init else []) + [out[t["stage"]] for t in p.teachers]
+        plan = {"name": p.name, "kind": p.kind, "train": p.train.model_dump(), "ce_weight": p.ce_weight,
+                "teachers": p.teachers, "sharpness": p.sharpness}
+        blob = json.dumps({"run": run, "level": cfg.levels[p.level].model_dump(), "plan": plan, "deps": deps},
+                          sort_keys=True)
+        out[p.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
 
 
 def _need(latest: dict[str, str], level: str, section: str) -> str:

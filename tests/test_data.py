@@ -238,3 +238,35 @@ def test_shared_image_decoded_once(data_dir):
     _image_problem.cache_clear()
     load_jsonl(_write(data_dir, [_hall(i) for i in range(5)]))
     assert _image_problem.cache_info().misses == 1
+
+
+def test_challenge_style_files_read_through_the_field_map(tmp_path):
+    """configs/challenge.yaml reads examples/challenge/*.json (arrays, options as objects, nested context)."""
+    import shutil
+
+    from orchestrator.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "challenge.yaml")
+    fmap = cfg.data.field_map
+    for split in ("train", "val", "test"):
+        recs = load_jsonl(root / "examples" / "challenge" / f"{split}.json", fmap, require_labels=True)
+        assert {r["task"] for r in recs} == {"hallucination", "factuality"}
+        raw = {r["uid"]: r for r in json.loads((root / "examples" / "challenge" / f"{split}.json").read_text())}
+        for rec in recs:
+            src = raw[rec["id"]]
+            if rec["task"] == "hallucination":
+                assert rec["options"] == [c["phrase"] for c in src["candidates"]]
+                assert rec["hallucinated"] == [c["is_hallucinated"] for c in src["candidates"]]
+            else:
+                assert (rec["context"], rec["claim"], rec["label"]) == (
+                    src["query"]["background"], src["query"]["statement"], src["answer"])
+            assert Path(rec["image"]).is_file()
+        assert summarize(recs)
+    # A candidate without its label is refused with the record number and the mapped path.
+    bad = json.loads((root / "examples" / "challenge" / "test.json").read_text())
+    del bad[1]["candidates"][0]["is_hallucinated"]
+    shutil.copytree(root / "examples" / "challenge" / "images", tmp_path / "images")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"bad.json:2: missing field 'candidates\[\]\.is_hallucinated'"):
+        load_jsonl(tmp_path / "bad.json", fmap, require_labels=True)

@@ -55,10 +55,10 @@ def test_plan_follows_the_pyramid_and_ablation_switches(config_path):
     assert [p.name for p in no_tcrd][-1] == "S+PPOD"
 
 
-def test_full_method_runs_with_teacher_actors(config_path, tmp_path, capsys):
+def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "method"
     try:
-        assert main(["run", str(config_path), "--run-dir", str(run_dir)]) == 0
+        assert main(["run", str(config_path), "--run-dir", str(run_dir), "--ablation"]) == 0
     finally:
         ray.shutdown()
     report = json.loads((run_dir / "report.json").read_text())
@@ -66,6 +66,21 @@ def test_full_method_runs_with_teacher_actors(config_path, tmp_path, capsys):
                                     "S+PPOD+TCRD+shift"]
     for stage in ("M+PPOD", "S+PPOD", "S+PPOD+TCRD"):
         assert (run_dir / "models" / stage / "model.safetensors").is_file()
+    for plot in ("training_curves", "reliability", "confusion", "ablation", "ablation_parts"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 5000, plot
+
+    # Ablation rows come from real runs: "no PPOD" trained its own S+TCRD (from S-direct) and shared the
+    # direct stages; "no TCRD" shared everything (its final model is the full run's S+PPOD).
+    ablation = report["ablation"]
+    assert list(ablation) == ["full method", "no shift", "no PPOD", "no TCRD"]
+    assert ablation["full method"] == report["rows"]["S+PPOD+TCRD+shift"]
+    assert ablation["no shift"] == report["rows"]["S+PPOD+TCRD"]
+    assert ablation["no TCRD"] == report["rows"]["S+PPOD+shift"]
+    no_ppod = run_dir / "ablation" / "no-PPOD"
+    assert (no_ppod / "models" / "S+TCRD").is_dir() and not (no_ppod / "models" / "S+TCRD").is_symlink()
+    assert all((no_ppod / "models" / lv).is_symlink() for lv in ("L", "M", "S"))
+    assert json.loads((no_ppod / "report.json").read_text())["rows"]["S+TCRD+shift"] == ablation["no PPOD"]
+    assert "## Ablation" in (run_dir / "report.md").read_text()
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     client = mlflow.MlflowClient()

@@ -114,90 +114,125 @@ def load_jsonl(
 
     records: list[dict] = []
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, raw in _raw_records(Path(path)):
+
+        def fail(msg: str) -> DataError:
+            return DataError(f"{path}:{lineno}: {msg}")
+
+        if not isinstance(raw, dict):
+            raise fail(f"expected a JSON object, got {_json_type(raw)}")
+
+        has_task, task = _lookup(raw, fmap.get("task", "task"))
+        if has_task:
+            if not isinstance(task, str):
+                raise fail(f"field {name('task')}: expected string, got {_json_type(task)}")
+            if task not in TASKS:
+                raise fail(f"unknown task {task!r} (valid: {', '.join(TASKS)})")
+        elif default_task is not None:
+            task = default_task
+        else:
+            raise fail(f"missing field {name('task')}")
+
+        fields = _FIELDS[task]
+        label_field = _LABEL[task]
+        consumed = {_top(fmap.get(k, k)) for k in (*fields, "task")}
+        record = {k: v for k, v in raw.items() if k not in consumed}
+        for field in (*fields, "task"):
+            if field in record:
+                raise fail(
+                    f"field '{field}' clashes with contract field '{field}', "
+                    f"which the field map reads from '{fmap[field]}'"
+                )
+        record["task"] = task
+
+        for field, (typ, elem_typ) in fields.items():
+            found, value = _lookup(raw, fmap.get(field, field))
+            if value is None and field == label_field and not require_labels:
+                record[field] = None  # unlabelled: fine for prediction
                 continue
+            if not found:
+                raise fail(f"missing field {name(field)}")
+            if not isinstance(value, typ):
+                raise fail(
+                    f"field {name(field)}: expected {_TYPE_NAMES[typ]}, got {_json_type(value)}"
+                )
+            if elem_typ is not None:
+                for i, item in enumerate(value):
+                    if not isinstance(item, elem_typ):
+                        raise fail(
+                            f"field {name(field, i)}: expected {_TYPE_NAMES[elem_typ]}, "
+                            f"got {_json_type(item)}"
+                        )
+            record[field] = value
 
-            def fail(msg: str) -> DataError:
-                return DataError(f"{path}:{lineno}: {msg}")
+        if task == "hallucination":
+            if not record["options"]:
+                raise fail(f"field {name('options')} is empty")
+            labels = record["hallucinated"]
+            if labels is not None and len(labels) != len(record["options"]):
+                raise fail(
+                    f"field {name('options')} has {len(record['options'])} items but "
+                    f"{name('hallucinated')} has {len(labels)}"
+                )
 
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise fail(f"invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(raw, dict):
-                raise fail(f"expected a JSON object, got {_json_type(raw)}")
+        rid = record["id"]
+        if rid in first_line:
+            raise fail(f"duplicate id {rid!r} (first seen at line {first_line[rid]})")
+        first_line[rid] = lineno
 
-            task_key = fmap.get("task", "task")
-            if task_key in raw:
-                task = raw[task_key]
-                if not isinstance(task, str):
-                    raise fail(f"field {name('task')}: expected string, got {_json_type(task)}")
-                if task not in TASKS:
-                    raise fail(f"unknown task {task!r} (valid: {', '.join(TASKS)})")
-            elif default_task is not None:
-                task = default_task
-            else:
-                raise fail(f"missing field {name('task')}")
-
-            fields = _FIELDS[task]
-            label_field = _LABEL[task]
-            consumed = {fmap.get(k, k) for k in (*fields, "task")}
-            record = {k: v for k, v in raw.items() if k not in consumed}
-            for field in (*fields, "task"):
-                if field in record:
-                    raise fail(
-                        f"field '{field}' clashes with contract field '{field}', "
-                        f"which the field map reads from '{fmap[field]}'"
-                    )
-            record["task"] = task
-
-            for field, (typ, elem_typ) in fields.items():
-                key = fmap.get(field, field)
-                value = raw.get(key)
-                if value is None and field == label_field and not require_labels:
-                    record[field] = None  # unlabelled: fine for prediction
-                    continue
-                if key not in raw:
-                    raise fail(f"missing field {name(field)}")
-                if not isinstance(value, typ):
-                    raise fail(
-                        f"field {name(field)}: expected {_TYPE_NAMES[typ]}, got {_json_type(value)}"
-                    )
-                if elem_typ is not None:
-                    for i, item in enumerate(value):
-                        if not isinstance(item, elem_typ):
-                            raise fail(
-                                f"field {name(field, i)}: expected {_TYPE_NAMES[elem_typ]}, "
-                                f"got {_json_type(item)}"
-                            )
-                record[field] = value
-
-            if task == "hallucination":
-                if not record["options"]:
-                    raise fail(f"field {name('options')} is empty")
-                labels = record["hallucinated"]
-                if labels is not None and len(labels) != len(record["options"]):
-                    raise fail(
-                        f"field {name('options')} has {len(record['options'])} items but "
-                        f"{name('hallucinated')} has {len(labels)}"
-                    )
-
-            rid = record["id"]
-            if rid in first_line:
-                raise fail(f"duplicate id {rid!r} (first seen at line {first_line[rid]})")
-            first_line[rid] = lineno
-
-            image = str((base / record["image"]).resolve())
-            if check_images and (problem := _check_image(image)):
-                raise fail(problem)
-            record["image"] = image
-            records.append(record)
+        image = str((base / record["image"]).resolve())
+        if check_images and (problem := _check_image(image)):
+            raise fail(problem)
+        record["image"] = image
+        records.append(record)
 
     if not records:
         raise DataError(f"{path}: file is empty")
     return records
+
+
+def _raw_records(path: Path):
+    """(line, parsed value) per record: one per non-blank line of JSONL, or, for a `.json` file holding one
+    array, per element (numbered from 1, reported like lines)."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".json":
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(items, list):
+                raise DataError(f"{path}: a .json data file must hold one array of records")
+            yield from enumerate(items, 1)
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+
+
+def _top(key: str) -> str:
+    """The record's own key a field-map path starts at."""
+    return key.split(".")[0].removesuffix("[]")
+
+
+def _lookup(raw: dict, key: str) -> tuple[bool, Any]:
+    """(found, value) of a field-map path: `name`, nested `a.b`, or `items[].text`, which collects `text`
+    from every object of the list `items` (options and their labels kept as a list of objects)."""
+    head, _, rest = key.partition(".")
+    if head.endswith("[]"):
+        items = raw.get(head[:-2])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            return False, None
+        found = [_lookup(item, rest) for item in items]
+        return all(f for f, _ in found), [v for _, v in found]
+    if head not in raw:
+        return False, None
+    if not rest:
+        return True, raw[head]
+    return _lookup(raw[head], rest) if isinstance(raw[head], dict) else (False, None)
 
 
 def summarize(records: list[dict]) -> dict:

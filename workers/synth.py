@@ -57,7 +57,7 @@ CLAIM_TYPES = ("naming", "recolour", "remove", "move")
 # mix so the option kind carries no information about the label.
 _HTYPE_KIND = {"absent": "exists", "colour": "exists", "size": "size", "relation": "relation", "count": "count"}
 # Fixed template words; sample_texts() appends them so the tokenizer corpus covers every word.
-_TEMPLATE_WORDS = ("There is are a A The the is In this game every object objects called was painted "
+_TEMPLATE_WORDS = ("There is are a A The the is In this game every object objects called was painted row column "
                    "removed moved one cell after photo taken")
 
 Selector = dict[str, str]
@@ -545,11 +545,25 @@ def vocabulary() -> list[str]:
     return sorted(set(words))
 
 
+def describe(scene: dict[str, Any]) -> str:
+    """Every object in reading order with all its attributes and its cell: the dense text that
+    grounding pre-training teaches a level to produce from the image alone."""
+    objs = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+    return " ".join(f"A {o['size']} {o['colour']} {o['shape']} in row {NUMBER_WORDS[o['row'] + 1]} "
+                    f"column {NUMBER_WORDS[o['col'] + 1]}." for o in objs)
+
+
+def random_scenes(seed: int, n: int, spec: SynthSpec = SynthSpec()) -> list[dict[str, Any]]:
+    """n fresh scenes, deterministic in (seed, n, spec): unlimited unlabelled images for pre-training."""
+    rng = random.Random(f"{seed}/scenes")
+    return [_make_scene(rng, spec) for _ in range(n)]
+
+
 def sample_texts(n: int, seed: int = 0, spec: SynthSpec = SynthSpec()) -> list[str]:
-    """Captions, options, contexts and claims of n scenes per task, plus one line holding the
-    whole vocabulary, so a tokenizer trained on it covers every word the generator emits."""
+    """Captions, options, contexts, claims and scene descriptions of n scenes per task, plus one line
+    holding the whole vocabulary, so a tokenizer trained on it covers every word the generator emits."""
     rng = random.Random(f"{seed}/texts")
-    texts: list[str] = []
+    texts: list[str] = [describe(s) for s in random_scenes(seed, n, spec)]
     for ex in _examples("hallucination", rng, n, spec):
         texts += [ex["caption"], *ex["options"]]
     for ex in _examples("factuality", rng, n, spec):

@@ -7,6 +7,7 @@ per-step metrics to the stage's MLflow run, evaluates on the validation split, a
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import tempfile
@@ -100,7 +101,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     steps_per_epoch = max(1, cfg["n_units"] // (tc["batch_size"] * world))
     total = max(1, round(tc["epochs"] * steps_per_epoch))
     warmup = max(1, int(tc["warmup_ratio"] * total))
-    logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0)
+    logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
     shard = ray.train.get_dataset_shard("train")
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     ddp_model.train()
@@ -271,9 +272,12 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
 class _StepLogger:
     """Buffers per-step metrics and sends them to the stage's MLflow run in batches (rank 0 only)."""
 
-    def __init__(self, tracking: dict | None, enabled: bool):
+    def __init__(self, tracking: dict | None, enabled: bool, progress: str | None = None, total: int = 0):
         self.client = None
         self.buffer: list = []
+        # The driver's step bar polls this file (orchestrator/progress.py): rank 0 writes it twice a second.
+        self.progress = Path(progress) if enabled and progress else None
+        self.total, self.last_write = total, 0.0
         if enabled and tracking:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow import MlflowClient
@@ -281,6 +285,11 @@ class _StepLogger:
             self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
 
     def log(self, step: int, values: dict[str, float], every: int) -> None:
+        if self.progress and (time.monotonic() - self.last_write > 0.5 or step == self.total):
+            self.last_write = time.monotonic()
+            tmp = self.progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "total": self.total}))
+            tmp.replace(self.progress)
         if self.client is None or step % every:
             return
         from mlflow.entities import Metric

@@ -1,0 +1,72 @@
+"""`hkd run CONFIG --ablation`: the full method, then one run per part switched off, in one table.
+
+Each variant runs in `<run dir>/ablation/<variant>/`; stages whose fingerprint equals a finished stage of
+the full run are shared (linked), not retrained, so a variant trains only what its switch changes. Every
+row comes from a model trained and tested in this run; "no shift" is the full method's final model scored
+without its mapping shift.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from orchestrator.config import RunConfig, load_config
+from orchestrator.pipeline import model_dir, run
+from orchestrator.plots import table_bars
+from orchestrator.report import final_row, markdown_table, write_json
+from orchestrator.stages import fingerprints, plan_stages
+from orchestrator.tracking import tracking_uri
+
+# (row name, the config section that must be on for the row to mean something, the switch)
+VARIANTS = (("no PPOD", "ppod", "ppod.enabled=false"), ("no TCRD", "tcrd", "tcrd.enabled=false"),
+            ("no augmentation", "augment", "augment.enabled=false"))
+
+
+def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, log=print) -> dict:
+    """Run the full method and its one-part-off variants; add the `ablation` table to the report."""
+    cfg = load_config(config_path, overrides)
+    run_dir = run_dir.resolve()
+    report = run(cfg, run_dir, log)
+    last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
+    rows = {"full method": final_row(report), "no shift": report["rows"][last]}
+    uri = tracking_uri(cfg.tracking.uri, run_dir.parent)  # variants record into the full run's store
+    for name, section, switch in VARIANTS:
+        part = getattr(cfg, section, None)
+        if part is None or not part.enabled:
+            log(f"[ablation] {name}: {section} is already off in this config; no row")
+            continue
+        slug = name.replace(" ", "-")
+        variant = load_config(config_path, [*overrides, switch, f"name={cfg.name}-{slug}", f"tracking.uri={uri}"])
+        variant_dir = run_dir / "ablation" / slug
+        shared = share_finished(run_dir, variant_dir, variant)
+        log(f"[ablation] {name}: {len(shared)} stage(s) shared with the full run: {', '.join(shared) or 'none'}")
+        rows[name] = final_row(run(variant, variant_dir, log))
+    report["ablation"] = rows
+    write_json(run_dir, report)
+    (run_dir / "report.md").write_text(markdown_table(report) + "\n## Ablation\n\n"
+                                       + markdown_table({"rows": rows}))
+    table_bars({"rows": rows}, run_dir / "plots" / "ablation_parts.png")
+    return report
+
+
+def share_finished(source: Path, target: Path, cfg: RunConfig) -> list[str]:
+    """Link into `target` the generated data, the initial levels and every finished stage of `source` whose
+    fingerprint `cfg` reproduces; returns the shared stage names."""
+    (target / "stages").mkdir(parents=True, exist_ok=True)
+    (target / "models").mkdir(exist_ok=True)
+    for rel in ("data", "models/init"):
+        _link(source / rel, target / rel)
+    shared = []
+    for name, fingerprint in fingerprints(cfg, plan_stages(cfg)).items():
+        done = source / "stages" / f"{name}.json"
+        if done.is_file() and f'"fingerprint": "{fingerprint}"' in done.read_text():
+            _link(model_dir(source, name), model_dir(target, name))
+            shutil.copyfile(done, target / "stages" / f"{name}.json")
+            shared.append(name)
+    return shared
+
+
+def _link(src: Path, dst: Path) -> None:
+    if src.exists() and not dst.exists():
+        dst.symlink_to(src, target_is_directory=src.is_dir())

@@ -1,0 +1,113 @@
+"""The run's figures (PNG in `<run dir>/plots`, also logged to MLflow): training curves per stage,
+reliability before/after the mapping shift, confusion matrices, and the report table as a bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from workers.calibration import sigmoid  # noqa: E402
+
+TASKS = ("hallucination", "factuality")
+
+
+def render_plots(run_dir: Path, rows: dict[str, dict], report: dict, uri: str) -> list[Path]:
+    """All figures for a finished run; `rows` are the stage results, `report` the table written from them."""
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    last = rows[list(rows)[-1]]
+    return [training_curves(rows, uri, out / "training_curves.png"),
+            reliability(last, out / "reliability.png"),
+            confusion(last, out / "confusion.png"),
+            table_bars(report, out / "ablation.png")]
+
+
+def training_curves(rows: dict[str, dict], uri: str, path: Path) -> Path:
+    """Per stage: every loss term against the step, and teacher_wait_s on a second axis."""
+    client = MlflowClient(uri)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
+    for ax, (name, row) in zip(axes[0], rows.items()):
+        keys = sorted(client.get_run(row["mlflow_run_id"]).data.metrics)
+        for key in [k for k in keys if k.startswith("loss")]:
+            steps, values = _history(client, row["mlflow_run_id"], key)
+            ax.plot(steps, values, label=key, lw=1)
+        ax.set(title=name, xlabel="step", ylabel="loss")
+        if "teacher_wait_s" in keys:
+            steps, values = _history(client, row["mlflow_run_id"], "teacher_wait_s")
+            twin = ax.twinx()
+            twin.plot(steps, values, color="grey", lw=0.8, ls=":", label="teacher_wait_s")
+            twin.set_ylabel("teacher_wait_s")
+        ax.legend(fontsize=6, loc="upper right")
+    return _save(fig, path)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in points], [m.value for m in points]
+
+
+def reliability(row: dict, path: Path, bins: int = 10) -> Path:
+    """Observed positive rate against mean P(positive) per probability bin, before and after the shift."""
+    units, offsets = row["test_units"], row["shift"]["offsets"]
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(8.4, 3.8), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        margin, target = _task_arrays(units, task)
+        ax.plot([0, 1], [0, 1], color="lightgrey", lw=1)
+        for label, offset in (("before shift", 0.0), ("after shift", offsets.get(task, 0.0))):
+            prob = sigmoid(margin + offset)
+            idx = np.clip((prob * bins).astype(int), 0, bins - 1)
+            used = [b for b in range(bins) if (idx == b).any()]
+            ax.plot([prob[idx == b].mean() for b in used], [target[idx == b].mean() for b in used], "o-",
+                    ms=3, label=f"{label} ({offset:+.2f})")
+        ax.set(title=f"{task} ({row['level']})", xlabel="mean P(positive)", ylabel="positive rate",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def confusion(row: dict, path: Path) -> Path:
+    """2×2 counts per task of the shifted decisions (rows: truth, columns: prediction)."""
+    units, offsets = row["test_units"], row["shift"]["offsets"]
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(7, 3.4), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        margin, target = _task_arrays(units, task)
+        pred = (sigmoid(margin + offsets.get(task, 0.0)) >= 0.5).astype(int)
+        counts = np.array([[np.sum((target == t) & (pred == p)) for p in (0, 1)] for t in (0, 1)])
+        ax.imshow(counts, cmap="Blues")
+        for (t, p), n in np.ndenumerate(counts):
+            ax.text(p, t, str(n), ha="center", va="center")
+        ax.set(title=task, xticks=[0, 1], yticks=[0, 1], xticklabels=["no", "yes"], yticklabels=["no", "yes"],
+               xlabel="predicted", ylabel="true")
+    return _save(fig, path)
+
+
+def _task_arrays(units: dict, task: str) -> tuple[np.ndarray, np.ndarray]:
+    sel = np.array(units["task"]) == task
+    return np.array(units["margin"], dtype=float)[sel], np.array(units["target"], dtype=int)[sel]
+
+
+def table_bars(report: dict, path: Path) -> Path:
+    """Macro-F1 per report row, one bar group per task: the ablation table at a glance."""
+    names = list(report["rows"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 3.8))
+    width = 0.8 / len(TASKS)
+    for i, task in enumerate(TASKS):
+        f1 = [report["rows"][n][task]["f1"] or 0.0 for n in names]
+        ax.bar(np.arange(len(names)) + i * width, f1, width, label=task)
+    ax.set_xticks(np.arange(len(names)) + width * (len(TASKS) - 1) / 2, names, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="macro-F1 (test)", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
