@@ -154,6 +154,29 @@ class Resources(Strict):
     ray_address: str | None = None
 
 
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class Placement(Strict):
+    """Custom Ray resources that each teacher replica / train worker asks for, so each lands on the nodes that
+    advertise them (cluster.yaml's `teacher`/`student`). Empty: anywhere (one machine, fractional GPUs)."""
+
+    teacher: dict[str, float] = Field(default_factory=dict, description="per teacher replica, e.g. {teacher: 1}")
+    student: dict[str, float] = Field(default_factory=dict, description="per train worker, e.g. {student: 1}")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU, checked by `hkd plan`")
+
+    @model_validator(mode="after")
+    def _custom_only(self) -> Placement:
+        for role in ("teacher", "student"):
+            for name, amount in getattr(self, role).items():
+                if name in RESERVED_RESOURCES:
+                    raise ValueError(f"placement.{role}.{name}: CPUs and GPUs are set by teachers.num_cpus/num_gpus "
+                                     "and resources.cpus_per_worker/gpus_per_worker; name custom resources here")
+                if amount <= 0:
+                    raise ValueError(f"placement.{role}.{name}: amount must be > 0, got {amount}")
+        return self
+
+
 class Tracking(Strict):
     uri: str | None = None
     experiment: str = "hkd4vlm"
@@ -170,6 +193,7 @@ class RunConfig(Strict):
     tcrd: TCRDConfig = Field(default_factory=lambda: TCRDConfig(enabled=False))
     teachers: TeacherResources = Field(default_factory=TeacherResources)
     resources: Resources = Field(default_factory=Resources)
+    placement: Placement = Field(default_factory=Placement)
     tracking: Tracking = Field(default_factory=Tracking)
     trust_remote_code: bool = False
 

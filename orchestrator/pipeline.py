@@ -14,7 +14,7 @@ import ray
 import ray.data
 
 from orchestrator.config import RunConfig
-from orchestrator.placement import init_ray
+from orchestrator.placement import init_ray, local_resources
 from orchestrator.report import write_report
 from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
@@ -39,7 +39,8 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     # TCRD runs two teachers at once: reserve room for both.
-    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus)
+    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
+             custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
@@ -138,7 +139,8 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
         if t["stage"] not in pools:
             pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
-                                                 max_restarts=cfg.teachers.max_restarts)
+                                                 max_restarts=cfg.teachers.max_restarts,
+                                                 resources=cfg.placement.teacher)
         loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
     log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {plan.train.epochs} epochs")
     start = time.time()
@@ -146,7 +148,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
         mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
         log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
         val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
+                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), cfg.placement)
         scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
         shift = calibrate_model(out_dir, splits["val"])
         with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])

@@ -13,14 +13,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import ConfigError, Resources, RunConfig, TrainConfig
+from orchestrator.config import ConfigError, Placement, Resources, RunConfig, TrainConfig
 from orchestrator.placement import scaling, torch_threads
 from workers.train_loop import train_loop_per_worker
 
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None) -> dict:
+              tracking: dict | None, placement: Placement | None = None) -> dict:
     """Run one stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the stage's
     own latest checkpoint when its storage already holds one (a re-run after a crash)."""
     trainer = TorchTrainer(
@@ -29,7 +29,7 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
             "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(), "loss": loss,
             "n_units": train_ds.count(), "threads": torch_threads(res), "seed": seed, "tracking": tracking,
         },
-        scaling_config=scaling(res),
+        scaling_config=scaling(res, placement),
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
