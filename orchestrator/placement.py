@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
@@ -21,13 +22,22 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
     if ray.is_initialized():
         return
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": _env_vars_beside_job()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              resources=custom or None, include_dashboard=False, log_to_driver=True)
+
+
+def _env_vars_beside_job() -> dict[str, str]:
+    """Env vars for every Ray process, minus those a submitted job's runtime env already sets: inside
+    `ray job submit`, Ray refuses to merge a key that both the job and `ray.init` set."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by Ray in a job's driver
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    wanted = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+    return {k: v for k, v in wanted.items() if k not in taken}
 
 
 def local_resources(placement: Placement, res: Resources, teacher_replicas: int) -> dict[str, float]:
