@@ -69,12 +69,24 @@ class LevelConfig(Strict):
     vision_depth: int = Field(1, ge=1)
     vision_heads: int = Field(2, ge=1)
     init_std: float | None = Field(None, gt=0, description="weight init std; default 1/sqrt(hidden)")
+    teacher_gpus: float | None = Field(None, ge=0, description="GPU share per teacher replica of this level; "
+                                                               "default teachers.num_gpus")
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden must divide by heads, heads by kv_heads, vision_hidden by vision_heads")
         return self
+
+
+class LoraSettings(Strict):
+    """Train a PEFT LoRA adapter instead of every weight; the stage saves merged weights and the adapter."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
 
 
 class TrainConfig(Strict):
@@ -85,6 +97,8 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraSettings | None = None
 
 
 class DirectConfig(Strict):
@@ -210,6 +224,12 @@ class RunConfig(Strict):
         for name, over in self.direct.overrides.items():
             TrainConfig(**{**self.direct.train.model_dump(), **over})
         return self
+
+    def teacher_gpus(self, level: str) -> float:
+        """GPU share of each teacher replica of a level: a 32B teacher needs a whole GPU where a 7B one fits in
+        a quarter."""
+        own = self.levels[level].teacher_gpus
+        return self.teachers.num_gpus if own is None else own
 
     def train_for(self, level: str) -> TrainConfig:
         """The direct-tuning settings of one level (defaults plus its overrides)."""

@@ -138,7 +138,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
         pool_name = _pool_name(run_dir, t["stage"])
         if t["stage"] not in pools:
             pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
-                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
+                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
                                                  max_restarts=cfg.teachers.max_restarts,
                                                  resources=cfg.placement.teacher)
         loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})

@@ -71,7 +71,7 @@ class StagePlan:
     init: str | None  # stage whose model initialises the student; None: the level's initial model
     train: TrainConfig
     ce_weight: float = 1.0
-    teachers: list[dict] = field(default_factory=list)  # {stage, weight, temperature, coupled}
+    teachers: list[dict] = field(default_factory=list)  # {stage, level, weight, temperature, coupled}
     sharpness: float = 10.0
 
 
@@ -84,7 +84,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
     latest = {p.level: p.name for p in plans}
     if cfg.ppod.enabled:
         for st in cfg.ppod.stages:
-            teachers = [{"stage": _need(latest, t.level, "ppod"), "weight": t.weight,
+            teachers = [{"stage": _need(latest, t.level, "ppod"), "level": t.level, "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
             plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", None, cfg.ppod.train,
                                    cfg.ppod.ce_weight, teachers))
@@ -93,7 +93,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         tc = cfg.tcrd
         init = _need(latest, tc.student, "tcrd")
         base = init.removesuffix("-direct")
-        teachers = [{"stage": _need(latest, lv, "tcrd"), "weight": w, "temperature": tc.temperature,
+        teachers = [{"stage": _need(latest, lv, "tcrd"), "level": lv, "weight": w, "temperature": tc.temperature,
                      "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
                                tc.sharpness))

@@ -156,7 +156,8 @@ class TeacherPool:
         handles = [
             actor_cls.options(name=actor_name(name, i), namespace=namespace, get_if_exists=True,
                               num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                              max_restarts=max_restarts, max_task_retries=max_task_retries).remote(str(model_dir), threads)
+                              max_restarts=max_restarts,
+                              max_task_retries=max_task_retries).remote(str(model_dir), threads)
             for i in range(replicas)
         ]
         return cls(handles)
