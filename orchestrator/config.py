@@ -72,6 +72,10 @@ class LevelConfig(Strict):
     teacher_gpus: float | None = Field(None, ge=0, description="GPU share per teacher replica of this level; "
                                                                "default teachers.num_gpus")
 
+    def shape_fields(self) -> dict[str, Any]:
+        """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
+        return self.model_dump(exclude={"path", "teacher_gpus"})
+
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.vision_hidden % self.vision_heads:

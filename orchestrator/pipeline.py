@@ -100,7 +100,7 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
         if not (target / "config.json").is_file():
             if tokenizer is None:
                 tokenizer = build_tokenizer(_corpus(train_records), vocab_size=cfg.vocab_size)
-            shape = LevelShape(**lc.model_dump(exclude={"path"}))
+            shape = LevelShape(**lc.shape_fields())
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
