@@ -8,13 +8,14 @@ gradients and AdamW moments; ACTIVATION_SHARE of its GPU share stays free for ac
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedTokenizerFast
 
 from orchestrator.config import ConfigError, RunConfig, TrainConfig
 from orchestrator.stages import StagePlan, plan_stages
@@ -59,7 +60,7 @@ def plan_run(cfg: RunConfig, model_configs: Path | None = None,
 def _level(cfg: RunConfig, name: str, model_configs: Path | None) -> Level:
     lc = cfg.levels[name]
     if lc.path is None:
-        tokenizer = build_tokenizer(synth.sample_texts(300), vocab_size=cfg.vocab_size)
+        tokenizer = _tiny_tokenizer(cfg.vocab_size)
         config = build_config(LevelShape(**lc.shape_fields()), tokenizer)
         facts = (len(tokenizer), label_word_ids(tokenizer))
     else:
@@ -68,6 +69,12 @@ def _level(cfg: RunConfig, name: str, model_configs: Path | None) -> Level:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     return Level(config, params, model.get_input_embeddings().weight.shape[0], facts)
+
+
+@functools.lru_cache(maxsize=2)
+def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Stands in for the run's tokenizer (trained on its data): same size, same special tokens and label words."""
+    return build_tokenizer(synth.sample_texts(300), vocab_size=vocab_size)
 
 
 def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[PretrainedConfig, tuple]:
@@ -128,8 +135,8 @@ def _train_row(cfg: RunConfig, stage: StagePlan, level: Level, adapters: dict) -
 
 def _teacher_row(cfg: RunConfig, name: str, level: Level) -> dict:
     share = cfg.teacher_gpus(name)
-    return _row(cfg, f"teacher {name} ×{cfg.teachers.replicas}", level, 0, "bfloat16", share,
-                level.params * 2)  # frozen, bf16 on GPU
+    dtype = "bfloat16" if share else "float32"  # what `workers.teacher.Teacher` loads on GPU / CPU
+    return _row(cfg, f"teacher {name} ×{cfg.teachers.replicas}", level, 0, dtype, share, level.params * BYTES[dtype])
 
 
 def _row(cfg: RunConfig, process: str, level: Level, trainable: int, dtype: str, share: float,
