@@ -32,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the method with each part switched off (ablation/<variant>/) and tabulate")
     r.set_defaults(func=_run)
 
+    pl = sub.add_parser("plan", help="check tokenizer sharing, placement and GPU memory without weights")
+    pl.add_argument("config")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    pl.add_argument("--model-configs", help="dir of mirrored config.json files named after hub checkpoints, "
+                                            "plus tokenizer.json facts (e.g. configs/qwen2_5_vl)")
+    pl.add_argument("--cluster", help="a cluster.yaml whose node types must hold the placement")
+    pl.set_defaults(func=_plan)
+
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
     s = d.add_parser("synth", help="generate the procedural benchmark")
     s.add_argument("--out", required=True)
@@ -85,6 +93,18 @@ def _run(args: argparse.Namespace) -> None:
         print(markdown_table(report) + "\nAblation:\n" + markdown_table({"rows": report["ablation"]}))
     else:
         print(markdown_table(run(cfg, run_dir)))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from orchestrator.plan import format_table, plan_run
+
+    rows, problems = plan_run(cfg, Path(args.model_configs) if args.model_configs else None,
+                              Path(args.cluster) if args.cluster else None)
+    print(format_table(rows, cfg.placement.gpu_memory_gb))
+    if problems:
+        raise ConfigError(f"{args.config}: the plan does not fit:\n  " + "\n  ".join(problems))
+    print("plan fits")
 
 
 def _synth(args: argparse.Namespace) -> None:

@@ -69,12 +69,28 @@ class LevelConfig(Strict):
     vision_depth: int = Field(1, ge=1)
     vision_heads: int = Field(2, ge=1)
     init_std: float | None = Field(None, gt=0, description="weight init std; default 1/sqrt(hidden)")
+    teacher_gpus: float | None = Field(None, ge=0, description="GPU share per teacher replica of this level; "
+                                                               "default teachers.num_gpus")
+
+    def shape_fields(self) -> dict[str, Any]:
+        """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
+        return self.model_dump(exclude={"path", "teacher_gpus"})
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden must divide by heads, heads by kv_heads, vision_hidden by vision_heads")
         return self
+
+
+class LoraSettings(Strict):
+    """Train a PEFT LoRA adapter instead of every weight; the stage saves merged weights and the adapter."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
 
 
 class TrainConfig(Strict):
@@ -85,6 +101,8 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraSettings | None = None
 
 
 class PretrainConfig(Strict):
@@ -168,6 +186,29 @@ class Resources(Strict):
     ray_address: str | None = None
 
 
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class Placement(Strict):
+    """Custom Ray resources that each teacher replica / train worker asks for, so each lands on the nodes that
+    advertise them (cluster.yaml's `teacher`/`student`). Empty: anywhere (one machine, fractional GPUs)."""
+
+    teacher: dict[str, float] = Field(default_factory=dict, description="per teacher replica, e.g. {teacher: 1}")
+    student: dict[str, float] = Field(default_factory=dict, description="per train worker, e.g. {student: 1}")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU, checked by `hkd plan`")
+
+    @model_validator(mode="after")
+    def _custom_only(self) -> Placement:
+        for role in ("teacher", "student"):
+            for name, amount in getattr(self, role).items():
+                if name in RESERVED_RESOURCES:
+                    raise ValueError(f"placement.{role}.{name}: CPUs and GPUs are set by teachers.num_cpus/num_gpus "
+                                     "and resources.cpus_per_worker/gpus_per_worker; name custom resources here")
+                if amount <= 0:
+                    raise ValueError(f"placement.{role}.{name}: amount must be > 0, got {amount}")
+        return self
+
+
 class Tracking(Strict):
     uri: str | None = None
     experiment: str = "hkd4vlm"
@@ -185,6 +226,7 @@ class RunConfig(Strict):
     tcrd: TCRDConfig = Field(default_factory=lambda: TCRDConfig(enabled=False))
     teachers: TeacherResources = Field(default_factory=TeacherResources)
     resources: Resources = Field(default_factory=Resources)
+    placement: Placement = Field(default_factory=Placement)
     tracking: Tracking = Field(default_factory=Tracking)
     trust_remote_code: bool = False
 
@@ -201,6 +243,12 @@ class RunConfig(Strict):
         for name, over in self.direct.overrides.items():
             TrainConfig(**{**self.direct.train.model_dump(), **over})
         return self
+
+    def teacher_gpus(self, level: str) -> float:
+        """GPU share of each teacher replica of a level: a 32B teacher needs a whole GPU where a 7B one fits in
+        a quarter."""
+        own = self.levels[level].teacher_gpus
+        return self.teachers.num_gpus if own is None else own
 
     def train_for(self, level: str) -> TrainConfig:
         """The direct-tuning settings of one level (defaults plus its overrides)."""

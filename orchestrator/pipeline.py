@@ -14,7 +14,7 @@ import ray
 import ray.data
 
 from orchestrator.config import RunConfig
-from orchestrator.placement import init_ray
+from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
@@ -46,7 +46,8 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     # TCRD runs two teachers at once: reserve room for both.
-    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus)
+    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
+             custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
@@ -118,7 +119,7 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
         if not (target / "config.json").is_file():
             if tokenizer is None:
                 tokenizer = build_tokenizer(_corpus(train_records), vocab_size=cfg.vocab_size)
-            shape = LevelShape(**lc.model_dump(exclude={"path"}))
+            shape = LevelShape(**lc.shape_fields())
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
@@ -158,12 +159,12 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
             if plan.kind == "grounding":
                 log_params(flatten({"stage": plan.train.model_dump()}))
                 val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
-                                    run_dir / "ray", cfg.seed, stage_tracking(uri), progress)
+                                    run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
                 loss = _loss_with_teachers(cfg, run_dir, plan, init_dir, pools)
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
                 val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress)
+                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
                   "model_dir": str(out_dir), "mlflow_run_id": stage_run.info.run_id}
         if plan.kind != "grounding":  # pre-training has no task to test
@@ -188,8 +189,9 @@ def _loss_with_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dir
         pool_name = _pool_name(run_dir, t["stage"])
         if t["stage"] not in pools:
             pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
-                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
-                                                 max_restarts=cfg.teachers.max_restarts)
+                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
+                                                 max_restarts=cfg.teachers.max_restarts,
+                                                 resources=cfg.placement.teacher)
         loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
     return loss
 

@@ -2,36 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
 from ray.train import ScalingConfig
 
-from orchestrator.config import Resources
+from orchestrator.config import Placement, Resources
 
 
-def init_ray(res: Resources, teacher_cpus: float = 0.0) -> None:
+def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None) -> None:
     """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers.
 
     A local Ray gets the CPUs that train workers and teacher actors reserve (at least the machine's), plus one
     logical CPU more: Ray Data's read/map tasks need a CPU
     while the workers hold theirs, and without the spare one the stage waits forever (seen on 2 cores).
+    `custom`: the placement's custom resources, advertised by a local Ray so the same config runs on one machine.
     """
     if ray.is_initialized():
         return
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": _env_vars_beside_job()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
-             include_dashboard=False, log_to_driver=True)
+             resources=custom or None, include_dashboard=False, log_to_driver=True)
 
 
-def scaling(res: Resources) -> ScalingConfig:
-    """Train workers: DDP over gloo on CPU, NCCL on GPU (Ray Train picks the backend from use_gpu)."""
-    per_worker = {"CPU": res.cpus_per_worker}
+def _env_vars_beside_job() -> dict[str, str]:
+    """Env vars for every Ray process, minus those a submitted job's runtime env already sets: inside
+    `ray job submit`, Ray refuses to merge a key that both the job and `ray.init` set."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by Ray in a job's driver
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    wanted = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+    return {k: v for k, v in wanted.items() if k not in taken}
+
+
+def local_resources(placement: Placement, res: Resources, teacher_replicas: int) -> dict[str, float]:
+    """Custom resources a one-machine Ray must advertise for the placement: two teacher pools at once (TCRD)
+    and every train worker."""
+    need: dict[str, float] = {}
+    for role, count in (("teacher", 2 * teacher_replicas), ("student", res.num_workers)):
+        for name, amount in getattr(placement, role).items():
+            need[name] = need.get(name, 0.0) + amount * count
+    return need
+
+
+def scaling(res: Resources, placement: Placement | None = None) -> ScalingConfig:
+    """Train workers: DDP over gloo on CPU, NCCL on GPU (Ray Train picks the backend from use_gpu), each asking
+    for the placement's student resources so it lands on a student node."""
+    per_worker = {"CPU": res.cpus_per_worker, **(placement.student if placement else {})}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)

@@ -14,7 +14,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import ConfigError, PretrainConfig, Resources, RunConfig, TrainConfig
+from orchestrator.config import ConfigError, Placement, PretrainConfig, Resources, RunConfig, TrainConfig
 from orchestrator.placement import scaling, torch_threads
 from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
@@ -23,32 +23,32 @@ from workers.train_loop import train_loop_per_worker
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None, progress: Path | None = None) -> dict:
+              tracking: dict | None, progress: Path | None = None, placement: Placement | None = None) -> dict:
     """Run one task stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the
     stage's own latest checkpoint when its storage already holds one (a re-run after a crash). Rank 0
     writes its step count to `progress` (the driver's step bar)."""
     config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count()}
     return _fit(train_loop_per_worker, name, init_dir, out_dir, config, res, storage, seed, tracking, progress,
-                datasets={"train": train_ds, "val": val_ds})
+                placement, datasets={"train": train_ds, "val": val_ds})
 
 
 def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainConfig, spec: SynthSpec,
                   res: Resources, storage: Path, seed: int, tracking: dict | None,
-                  progress: Path | None = None) -> dict:
+                  progress: Path | None = None, placement: Placement | None = None) -> dict:
     """Run one grounding pre-training stage (no dataset: scenes are generated per step)."""
     return _fit(grounding_loop_per_worker, name, init_dir, out_dir, {"train": pretrain.model_dump(), "spec": spec},
-                res, storage, seed, tracking, progress, datasets=None)
+                res, storage, seed, tracking, progress, placement, datasets=None)
 
 
 def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Resources, storage: Path, seed: int,
-         tracking: dict | None, progress: Path | None, datasets: dict | None) -> dict:
+         tracking: dict | None, progress: Path | None, placement: Placement | None, datasets: dict | None) -> dict:
     trainer = TorchTrainer(
         loop,
         train_loop_config={
             **config, "model_dir": str(init_dir), "out_dir": str(out_dir), "threads": torch_threads(res),
             "seed": seed, "tracking": tracking, "progress": str(progress) if progress else None,
         },
-        scaling_config=scaling(res),
+        scaling_config=scaling(res, placement),
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -97,7 +97,7 @@ class StagePlan:
     init: str | None  # stage whose model initialises the student; None: the level's initial model
     train: TrainConfig | PretrainConfig
     ce_weight: float = 1.0
-    teachers: list[dict] = field(default_factory=list)  # {stage, weight, temperature, coupled}
+    teachers: list[dict] = field(default_factory=list)  # {stage, level, weight, temperature, coupled}
     sharpness: float = 10.0
 
 
@@ -115,7 +115,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
     latest = {p.level: p.name for p in plans if p.kind == "direct"}
     if cfg.ppod.enabled:
         for st in cfg.ppod.stages:
-            teachers = [{"stage": _need(latest, t.level, "ppod"), "weight": t.weight,
+            teachers = [{"stage": _need(latest, t.level, "ppod"), "level": t.level, "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
             plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", ground.get(st.student), cfg.ppod.train,
                                    cfg.ppod.ce_weight, teachers))
@@ -124,7 +124,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         tc = cfg.tcrd
         init = _need(latest, tc.student, "tcrd")
         base = init.removesuffix("-direct")
-        teachers = [{"stage": _need(latest, lv, "tcrd"), "weight": w, "temperature": tc.temperature,
+        teachers = [{"stage": _need(latest, lv, "tcrd"), "level": lv, "weight": w, "temperature": tc.temperature,
                      "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
                                tc.sharpness))

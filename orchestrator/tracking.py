@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,11 +37,27 @@ def using_store(uri: str, experiment: str) -> Iterator[None]:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail before any training when the tracking store cannot be used."""
+    """Fail before any training when the tracking store cannot be used.
+
+    A sqlite store's first use creates its tables; two runs starting at once (two `ray job submit`s) would both
+    try and one fails, so that first use happens under a lock file beside the database.
+    """
     try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        with _sqlite_lock(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # any transport or store error means the run would fail later
         raise RuntimeError(f"MLflow tracking store {uri} is not usable: {err}") from None
+
+
+@contextmanager
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock on `<database>.lock` for a sqlite URI; nothing for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -24,6 +24,8 @@ from transformers import (
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from workers.lora import ADAPTER_DIR, is_lora
+
 # Qwen's special tokens, in Qwen's order, so ids line up with the real tokenizer's layout (offset aside).
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -158,11 +160,18 @@ def build_level(out_dir: str | Path, shape: LevelShape, tokenizer: PreTrainedTok
 
 def save_model_dir(model: torch.nn.Module, processor: HKDProcessor, out_dir: str | Path,
                    extra: dict | None = None) -> Path:
-    """Write a complete model dir under a temporary name, then rename: a dir that exists is complete."""
+    """Write a complete model dir under a temporary name, then rename: a dir that exists is complete.
+
+    A LoRA (PEFT) model is saved as its adapter under `adapter/` plus merged weights; it is merged in place,
+    so save it after its last training step.
+    """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if is_lora(model):
+        model.save_pretrained(tmp / ADAPTER_DIR)
+        model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     if extra:

@@ -120,7 +120,7 @@ class Teacher:
         return {
             "model_dir": self.model_dir, "vocab": self.vocab, "label_ids": self.label_ids,
             "params": count_parameters(self.model), "device": self.device, "threads": torch.get_num_threads(),
-            "pid": os.getpid(), "served": self.served,
+            "pid": os.getpid(), "served": self.served, "node_id": ctx.get_node_id() if ctx else None,
             "restarted": bool(ctx and ctx.get_actor_id() and ctx.was_current_actor_reconstructed),
         }
 
@@ -143,11 +143,11 @@ class TeacherPool:
     def start(cls, name: str, model_dir: str | Path, replicas: int = 1, num_cpus: float = 1.0,
               num_gpus: float = 0.0, threads: int | None = None, max_restarts: int = 3,
               max_task_retries: int = 3, namespace: str = "hkd",
-              student_dir: str | Path | None = None) -> TeacherPool:
+              student_dir: str | Path | None = None, resources: dict[str, float] | None = None) -> TeacherPool:
         """Start (or reuse, if already live) `replicas` named actors owned by this driver.
 
         `threads` defaults to the CPU share; `student_dir`, when given, is checked for a shared tokenizer
-        before anything starts.
+        before anything starts; `resources` (custom Ray resources per replica) pins replicas to teacher nodes.
         """
         if student_dir is not None:
             check_compatible(model_dir, student_dir)
@@ -155,7 +155,8 @@ class TeacherPool:
         actor_cls = ray.remote(Teacher)
         handles = [
             actor_cls.options(name=actor_name(name, i), namespace=namespace, get_if_exists=True,
-                              num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                              num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                              max_restarts=max_restarts,
                               max_task_retries=max_task_retries).remote(str(model_dir), threads)
             for i in range(replicas)
         ]

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from workers.lora import ADAPTER_DIR, add_lora, is_lora, load_adapter_weights
 from workers.losses import coupling_weights, cross_entropy, topk_forward_kl
 from workers.metrics import binary_metrics
 from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_model_dir
@@ -92,10 +93,14 @@ def train_loop_per_worker(cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"] + rank)
     tc = cfg["train"]
     device = ray.train.torch.get_device()
-    model, processor = load_model_dir(cfg["model_dir"], device=str(device))
+    model, processor = load_model_dir(cfg["model_dir"], dtype=getattr(torch, tc.get("dtype", "float32")),
+                                      device=str(device))
+    if tc.get("lora"):
+        model = add_lora(model, tc["lora"])
     label_ids = label_word_ids(processor.tokenizer)
     stage_loss = StageLoss(cfg["loss"], label_ids, device, vocab=len(processor.tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc["lr"],
+                                  weight_decay=tc["weight_decay"])
     step = _resume(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     steps_per_epoch = max(1, cfg["n_units"] // (tc["batch_size"] * world))
@@ -132,7 +137,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
         _report(model, processor, optimizer, step, metrics, rank)
     if rank == 0:
-        save_model_dir(model, processor, cfg["out_dir"])
+        save_model_dir(model, processor, cfg["out_dir"])  # merges a LoRA adapter in place
     logger.flush()
     if rank != 0:
         return {}
@@ -246,7 +251,11 @@ def _report(model: torch.nn.Module, processor: HKDProcessor, optimizer: torch.op
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = save_model_dir(model, processor, Path(tmp) / "ckpt")
+        ckpt = Path(tmp) / "ckpt"
+        if is_lora(model):  # the base weights never change: the adapter is all a resume needs
+            model.save_pretrained(ckpt / ADAPTER_DIR)
+        else:
+            save_model_dir(model, processor, ckpt)
         torch.save({"step": step, "optimizer": optimizer.state_dict()}, ckpt / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
 
@@ -260,10 +269,13 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     if ckpt is None:
         return 0
     with ckpt.as_directory() as d:
-        state = {}
-        for shard in sorted(Path(d).glob("*.safetensors")):
-            state.update(load_file(str(shard)))
-        model.load_state_dict(state, strict=False)
+        if is_lora(model):
+            load_adapter_weights(model, Path(d) / ADAPTER_DIR)
+        else:
+            state = {}
+            for shard in sorted(Path(d).glob("*.safetensors")):
+                state.update(load_file(str(shard)))
+            model.load_state_dict(state, strict=False)
         saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     return int(saved["step"])

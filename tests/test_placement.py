@@ -1,0 +1,63 @@
+"""Placement on a simulated multi-node cluster: teacher actors land on `teacher` nodes, train workers on
+`student` nodes, as the config's `placement:` section says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import ConfigError, Placement, Resources, load_config
+from orchestrator.placement import local_resources, scaling
+from workers.teacher import TeacherPool
+
+
+@pytest.fixture()
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"teacher": 2}})
+    teacher = c.head_node
+    student = c.add_node(num_cpus=2, resources={"student": 2})
+    c.wait_for_nodes()
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    yield {"teacher": teacher.node_id, "student": student.node_id}
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_teachers_and_workers_land_on_their_nodes(cluster, tiny_model_dir, tmp_path):
+    placement = Placement(teacher={"teacher": 1}, student={"student": 1})
+    pool = TeacherPool.start("placed", tiny_model_dir, replicas=2, num_cpus=0.5, threads=1,
+                             resources=placement.teacher)
+    try:
+        assert [i["node_id"] for i in pool.info()] == [cluster["teacher"]] * 2
+    finally:
+        pool.shutdown()
+
+    def where(cfg: dict) -> None:
+        rank = ray.train.get_context().get_world_rank()
+        Path(cfg["out"], f"{rank}.json").write_text(json.dumps(ray.get_runtime_context().get_node_id()))
+
+    res = Resources(num_workers=2, cpus_per_worker=1)
+    TorchTrainer(where, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling(res, placement),
+                 run_config=TrainRunConfig(name="placed", storage_path=str(tmp_path / "ray"))).fit()
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)] == [cluster["student"]] * 2
+
+
+def test_defaults_ask_for_no_custom_resources():
+    res = Resources()
+    assert scaling(res, Placement()).resources_per_worker == {"CPU": 2}
+    assert local_resources(Placement(), res, teacher_replicas=2) == {}
+    placed = Placement(teacher={"teacher": 1}, student={"student": 0.5})
+    assert local_resources(placed, Resources(num_workers=2), teacher_replicas=3) == {"teacher": 6, "student": 1}
+
+
+def test_placement_refuses_builtin_resources(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("placement: {teacher: {GPU: 1}}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*placement.teacher.GPU: CPUs and GPUs are set by"):
+        load_config(path)

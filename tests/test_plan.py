@@ -1,0 +1,49 @@
+"""`hkd plan` on the real Qwen2.5-VL config with no weights: meta-device models from mirrored config.json
+files, one shared tokenizer across padded vocabularies, memory per GPU share, placement against cluster.yaml."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import load_config
+from orchestrator.plan import format_table, plan_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "qwen2_5_vl.yaml"
+MIRRORS = ROOT / "configs" / "qwen2_5_vl"
+# Parameter counts Hugging Face lists for the released checkpoints.
+PUBLISHED = {"L": 33.5e9, "M": 8.29e9, "S": 3.75e9}
+
+
+def test_qwen_pyramid_plan_fits():
+    rows, problems = plan_run(load_config(CONFIG), MIRRORS, ROOT / "cluster.yaml")
+    assert problems == []
+    table = format_table(rows, 141)
+    assert "teacher M ×2" in table and "train S+PPOD+TCRD ×8" in table
+    by_process = {r["process"].split(" ×")[0]: r for r in rows}
+    for process, level in (("train L-direct", "L"), ("train M+PPOD", "M"), ("train S-direct", "S")):
+        assert by_process[process]["params"] == pytest.approx(PUBLISHED[level], rel=0.01)
+    # 3B pads its embedding table to 151,936 rows, 7B/32B to 152,064: one tokenizer all the same.
+    assert by_process["train S-direct"]["rows"] == 151_936 and by_process["train L-direct"]["rows"] == 152_064
+    lora = by_process["train M+PPOD"]
+    assert 0 < lora["trainable"] < 0.01 * lora["params"]  # LoRA r=16 on q,k,v,o
+    assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
+
+
+def test_plan_names_what_does_not_fit(tmp_path, capsys):
+    mirrors = tmp_path / "mirrors"
+    shutil.copytree(MIRRORS, mirrors)
+    small = mirrors / "Qwen2.5-VL-3B-Instruct.json"
+    small.write_text(json.dumps({**json.loads(small.read_text()), "vocab_size": 151_000}))
+    rc = main(["plan", str(CONFIG), "--model-configs", str(mirrors), "--cluster", str(ROOT / "cluster.yaml"),
+               "--set", "levels.L.path=Qwen/Qwen2.5-VL-72B-Instruct", "--set", "resources.num_workers=32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "qwen2_5_vl.yaml: the plan does not fit" in err
+    assert "levels.S: 151000 embedding rows for a tokenizer of 151665 tokens" in err
+    assert "teacher L ×2: needs 146.8 GB, its GPU share allows 119.8 GB" in err
+    assert "placement.student.student: 32 processes need 32, " in err
