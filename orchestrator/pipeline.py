@@ -16,9 +16,10 @@ import ray.data
 from orchestrator.config import RunConfig
 from orchestrator.placement import init_ray
 from orchestrator.report import write_report
-from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
+from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fit_stage, loss_config, mark_done,
+                                 plan_stages, stage_done, stage_tracking)
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
-from workers import synth
+from workers import augment, synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records, shifted
@@ -41,7 +42,7 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     # TCRD runs two teachers at once: reserve room for both.
     init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus)
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
-    encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
+    encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tag("run_dir", str(run_dir))
@@ -98,19 +99,19 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
         target = run_dir / "models" / "init" / level
         if not (target / "config.json").is_file():
             if tokenizer is None:
-                tokenizer = build_tokenizer(_corpus(train_records), vocab_size=cfg.vocab_size)
+                tokenizer = build_tokenizer(_corpus(train_records, cfg.augment.enabled), vocab_size=cfg.vocab_size)
             shape = LevelShape(**lc.model_dump(exclude={"path"}))
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
 
 
-def _corpus(records: list[dict]) -> list[str]:
+def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     texts = [u["text"] for u in expand_units(records)]
-    return texts + synth.sample_texts(2000)
+    return texts + synth.sample_texts(2000) + (augment.vocabulary() if augmenting else [])
 
 
-def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
+def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
     (every stage reuses it; the train workers never decode images)."""
     units = expand_units(records)
@@ -129,24 +130,16 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
         return done
     out_dir = model_dir(run_dir, plan.name)
     init_dir = model_dir(run_dir, plan.init) if plan.init else init_dirs[plan.level]
-    loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
-            "sharpness": plan.sharpness, "teachers": []}
-    for t in plan.teachers:
-        teacher_dir = model_dir(run_dir, t["stage"])
-        check_compatible(teacher_dir, init_dir)
-        pool_name = _pool_name(run_dir, t["stage"])
-        if t["stage"] not in pools:
-            pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
-                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
-                                                 max_restarts=cfg.teachers.max_restarts)
-        loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
+    pool_names = start_teachers(cfg, run_dir, plan, init_dir, pools)
+    loss = loss_config(cfg, plan, pool_names, cache_root(cfg, run_dir))
     log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {plan.train.epochs} epochs")
     start = time.time()
     with mlflow.start_run(run_name=plan.name, nested=True):
         mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
         log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
         val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
+                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri),
+                        epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir))
         scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
         shift = calibrate_model(out_dir, splits["val"])
         with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
@@ -163,6 +156,20 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
     log(f"[{plan.name}] test {json.dumps({k: round(v, 4) for k, v in scored['metrics'].items()})} "
         f"({result['wall_s']:.0f}s)")
     return result
+
+
+def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: Path, pools: dict) -> dict[str, str]:
+    """Start the stage's teacher pools not yet running (checking tokenizers); returns pool names by stage."""
+    names = {}
+    for t in plan.teachers:
+        teacher_dir = model_dir(run_dir, t["stage"])
+        check_compatible(teacher_dir, student_dir)
+        names[t["stage"]] = _pool_name(run_dir, t["stage"])
+        if t["stage"] not in pools:
+            pools[t["stage"]] = TeacherPool.start(names[t["stage"]], teacher_dir, replicas=cfg.teachers.replicas,
+                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
+                                                 max_restarts=cfg.teachers.max_restarts)
+    return names
 
 
 def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:
