@@ -1,4 +1,4 @@
-"""`hkd`: run a pipeline, generate or validate data, evaluate, calibrate or predict with a model dir."""
+"""`hkd`: run a pipeline, sweep a stage, generate or validate data, evaluate, calibrate or predict with a model dir."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="default: runs/<config name>/")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     r.set_defaults(func=_run)
+
+    sw = sub.add_parser("sweep", help="sweep one stage of a finished run with Ray Tune (see configs/sweep_tcrd.yaml)")
+    sw.add_argument("config", help="sweep YAML: base, from_run, stage, space, num_samples, ...")
+    sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
     s = d.add_parser("synth", help="generate the procedural benchmark")
@@ -77,6 +81,16 @@ def _run(args: argparse.Namespace) -> None:
 
     report = run(cfg, Path(args.run_dir or Path("runs") / cfg.name))
     print(markdown_table(report))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import load_sweep
+
+    summary = run_sweep(load_sweep(args.config))
+    for trial in summary["trials"]:
+        print(json.dumps(trial))
+    print(f"teacher forwards over the sweep: {summary['teacher_units']} units; {summary['wall_s']:.0f} s")
 
 
 def _synth(args: argparse.Namespace) -> None:
