@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator.orphans import OrphanReaper
 from orchestrator.pipeline import encode_split, load_splits, model_dir, start_teachers
 from orchestrator.placement import init_ray
 from orchestrator.stages import augmented_epochs, cache_root, fit_stage, loss_config
@@ -117,7 +118,8 @@ def _tuner(sweep: Sweep, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent_trials
                                     or max_concurrent(sweep.base, teacher_cpus)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(ctx.out_dir), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=str(ctx.out_dir), verbose=0,
+                                  callbacks=[OrphanReaper()]),  # frees what trials ASHA stopped still hold
     )
 
 
@@ -138,10 +140,7 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
     client = MlflowClient(ctx.uri)
     run_id = client.create_run(ctx.experiment_id, run_name=f"trial-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_id, "trial_id": trial_id, "stage": plan.name}).info.run_id
-    params = flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss})
-    items = list(params.items())
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    log_params(flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss}), client, run_id)
     try:
         result = fit_stage(f"{plan.name}-{trial_id}", ctx.init_dir, ctx.out_dir / "trials" / trial_id, train_ds,
                            val_ds, plan.train, loss, cfg.resources, ctx.out_dir / "train", cfg.seed,

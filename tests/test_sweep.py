@@ -5,14 +5,17 @@ teacher forward (the cache answers)."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import mlflow
 import pytest
 import ray
 import yaml
+from ray.util.placement_group import placement_group
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
+from orchestrator.orphans import remove_orphaned_placement_groups
 from orchestrator.pipeline import init_levels, load_splits
 from orchestrator.sweep_config import load_sweep
 
@@ -113,3 +116,32 @@ def test_two_trial_sweep_reuses_teacher_outputs(tmp_path, base, from_run, capsys
     cfg = load_config(best_yaml)
     assert cfg.tcrd.ce_weight == float(best.data.params["space.tcrd.ce_weight"]) and cfg.cache.enabled
     assert yaml.safe_load(best_yaml.read_text())["levels"].keys() == {"L", "M", "S"}
+
+
+def test_orphaned_worker_group_resources_are_freed():
+    """A placement group whose creating actor died (a stopped trial's Train controller) is removed; one the
+    driver holds is not."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=0)
+        class Controller:
+            def reserve(self) -> None:
+                self.pg = placement_group([{"CPU": 1}])
+                ray.get(self.pg.ready())
+
+        controller = Controller.remote()
+        ray.get(controller.reserve.remote())
+        held = placement_group([{"CPU": 0.5}])
+        ray.get(held.ready())
+        assert remove_orphaned_placement_groups() == 0
+        ray.kill(controller)
+        deadline = time.monotonic() + 30
+        while not remove_orphaned_placement_groups():
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        while ray.available_resources().get("CPU", 0) < 1.5:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert ray.util.placement_group_table(held)["state"] == "CREATED"
+    finally:
+        ray.shutdown()
