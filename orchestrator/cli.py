@@ -1,4 +1,4 @@
-"""`hkd`: run a pipeline, generate or validate data, evaluate, calibrate or predict with a model dir."""
+"""`hkd`: run a pipeline, sweep a stage, generate or validate data, evaluate, calibrate or predict with a model dir."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                                             "plus tokenizer.json facts (e.g. configs/qwen2_5_vl)")
     pl.add_argument("--cluster", help="a cluster.yaml whose node types must hold the placement")
     pl.set_defaults(func=_plan)
+
+    sw = sub.add_parser("sweep", help="sweep one stage of a finished run with Ray Tune (see configs/sweep_tcrd.yaml)")
+    sw.add_argument("config", help="sweep YAML: base, from_run, stage, space, num_samples, ...")
+    sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
     s = d.add_parser("synth", help="generate the procedural benchmark")
@@ -105,6 +109,16 @@ def _plan(args: argparse.Namespace) -> None:
     if problems:
         raise ConfigError(f"{args.config}: the plan does not fit:\n  " + "\n  ".join(problems))
     print("plan fits")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import load_sweep
+
+    summary = run_sweep(load_sweep(args.config))
+    for trial in summary["trials"]:
+        print(json.dumps(trial))
+    print(f"teacher forwards over the sweep: {summary['teacher_units']} units; {summary['wall_s']:.0f} s")
 
 
 def _synth(args: argparse.Namespace) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workers.augment import AugmentConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message names the file and key path."""
@@ -209,6 +211,36 @@ class Placement(Strict):
         return self
 
 
+class AugmentSection(Strict):
+    """Label-preserving augmentation of the training records (`workers/augment.py`), fresh each epoch and
+    deterministic per (record id, epoch, seed). Off by default; the fields mirror `AugmentConfig`."""
+
+    enabled: bool = False
+    crop: bool = True
+    crop_scale: float = Field(0.15, ge=0, lt=1)
+    flip: bool = True
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter: bool = True
+    brightness: float = Field(0.2, ge=0, lt=1)
+    contrast: float = Field(0.2, ge=0, lt=1)
+    shuffle_options: bool = True
+    paraphrase: bool = True
+
+    def transforms(self) -> AugmentConfig:
+        return AugmentConfig(**self.model_dump(exclude={"enabled"}))
+
+
+class CacheConfig(Strict):
+    """Teacher-output cache (`workers/teacher_cache.py`): epochs and trials reuse a teacher's answers.
+
+    `path` is a local dir or any pyarrow filesystem URI (e.g. `s3://bucket/cache`); default
+    `<run dir>/teacher_cache`. Past `max_gb`, the oldest shards are deleted first."""
+
+    enabled: bool = False
+    path: str | None = None
+    max_gb: float = Field(4.0, gt=0)
+
+
 class Tracking(Strict):
     uri: str | None = None
     experiment: str = "hkd4vlm"
@@ -228,6 +260,8 @@ class RunConfig(Strict):
     resources: Resources = Field(default_factory=Resources)
     placement: Placement = Field(default_factory=Placement)
     tracking: Tracking = Field(default_factory=Tracking)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -258,6 +292,14 @@ class RunConfig(Strict):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML config; raise ConfigError naming the file and key path."""
     path = Path(path)
+    raw = read_raw(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_raw(raw, str(path))
+
+
+def read_raw(path: Path) -> dict:
+    """The YAML mapping of a config file, with `name` defaulting to the file's stem."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -267,12 +309,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw.setdefault("name", path.stem)
-    for item in overrides or []:
-        apply_override(raw, item)
+    return raw
+
+
+def validate_raw(raw: dict, source: str, model: type[BaseModel] = RunConfig) -> Any:
+    """`model` (a RunConfig by default) from a raw dict; errors name `source` and the key path, with the
+    nearest valid key for a typo."""
     try:
-        return RunConfig(**raw)
+        return model(**raw)
     except ValidationError as err:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in err.errors())) from None
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e, model) for e in err.errors())) from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -280,25 +326,33 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
     key, value = item.split("=", 1)
+    try:
+        set_key(raw, key, yaml.safe_load(value))
+    except ConfigError as err:
+        raise ConfigError(f"--set {err}") from None
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """Set a dotted key in a raw config dict, creating mappings on the way."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(f"{key}: {part!r} is not a mapping")
+    node[parts[-1]] = value
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, root: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"unknown key '{loc}'{_suggest(error['loc'])}"
+        return f"unknown key '{loc}'{_suggest(error['loc'], root)}"
     return f"'{loc}': {error['msg']}" if loc else error["msg"]
 
 
-def _suggest(loc: tuple) -> str:
+def _suggest(loc: tuple, root: type[BaseModel]) -> str:
     """Nearest valid key name at the unknown key's level (walking models, lists and dicts of models)."""
-    model: type[BaseModel] = RunConfig
+    model = root
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is not None:

@@ -18,10 +18,10 @@ from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
-from orchestrator.stages import (StagePlan, fingerprints, fit_grounding, fit_stage, mark_done, plan_stages,
-                                 stage_done, stage_tracking)
+from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fingerprints, fit_grounding, fit_stage,
+                                 loss_config, mark_done, plan_stages, stage_done, stage_tracking)
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
-from workers import synth
+from workers import augment, synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records, shifted
@@ -49,7 +49,7 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
              custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
-    encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
+    encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tag("run_dir", str(run_dir))
@@ -118,19 +118,19 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
         target = run_dir / "models" / "init" / level
         if not (target / "config.json").is_file():
             if tokenizer is None:
-                tokenizer = build_tokenizer(_corpus(train_records), vocab_size=cfg.vocab_size)
+                tokenizer = build_tokenizer(_corpus(train_records, cfg.augment.enabled), vocab_size=cfg.vocab_size)
             shape = LevelShape(**lc.shape_fields())
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
 
 
-def _corpus(records: list[dict]) -> list[str]:
+def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     texts = [u["text"] for u in expand_units(records)]
-    return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT]
+    return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
-def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
+def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
     (every stage reuses it; the train workers never decode images)."""
     units = expand_units(records)
@@ -161,10 +161,12 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
                                     run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
-                loss = _loss_with_teachers(cfg, run_dir, plan, init_dir, pools)
+                loss = loss_config(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
+                                   cache_root(cfg, run_dir))
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
                 val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
+                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement,
+                                epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir))
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
                   "model_dir": str(out_dir), "mlflow_run_id": stage_run.info.run_id}
         if plan.kind != "grounding":  # pre-training has no task to test
@@ -177,23 +179,6 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
     log(f"[{plan.name}] {'test' if 'test' in result else 'held-out'} "
         f"{json.dumps({k: round(v, 4) for k, v in shown.items()})} ({result['wall_s']:.0f}s)")
     return result
-
-
-def _loss_with_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dir: Path, pools: dict) -> dict:
-    """The stage's loss settings, starting (once per run) the teacher pools it learns from."""
-    loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
-            "sharpness": plan.sharpness, "teachers": []}
-    for t in plan.teachers:
-        teacher_dir = model_dir(run_dir, t["stage"])
-        check_compatible(teacher_dir, init_dir)
-        pool_name = _pool_name(run_dir, t["stage"])
-        if t["stage"] not in pools:
-            pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
-                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
-                                                 max_restarts=cfg.teachers.max_restarts,
-                                                 resources=cfg.placement.teacher)
-        loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
-    return loss
 
 
 def _test(out_dir: Path, splits: dict[str, list[dict]]) -> dict:
@@ -209,6 +194,21 @@ def _test(out_dir: Path, splits: dict[str, list[dict]]) -> dict:
             "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
             "test_units": {"task": [u["task"] for u in scored["units"]],
                            "target": [u["target"] for u in scored["units"]], "margin": scored["margin"].tolist()}}
+
+
+def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: Path, pools: dict) -> dict[str, str]:
+    """Start the stage's teacher pools not yet running (checking tokenizers); returns pool names by stage."""
+    names = {}
+    for t in plan.teachers:
+        teacher_dir = model_dir(run_dir, t["stage"])
+        check_compatible(teacher_dir, student_dir)
+        names[t["stage"]] = _pool_name(run_dir, t["stage"])
+        if t["stage"] not in pools:
+            pools[t["stage"]] = TeacherPool.start(names[t["stage"]], teacher_dir, replicas=cfg.teachers.replicas,
+                                                 num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
+                                                 max_restarts=cfg.teachers.max_restarts,
+                                                 resources=cfg.placement.teacher)
+    return names
 
 
 def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:

@@ -27,7 +27,8 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
+    # address="local": a bare ray.init() would join any cluster `ray start` left in /tmp/ray and then refuse num_cpus.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              resources=custom or None, include_dashboard=False, log_to_driver=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,18 +19,25 @@ from orchestrator.config import ConfigError, Placement, PretrainConfig, Resource
 from orchestrator.placement import scaling, torch_threads
 from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
+from workers.epoch_data import epoch_datasets
+from workers.models import HKDProcessor
 from workers.train_loop import train_loop_per_worker
 
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None, progress: Path | None = None, placement: Placement | None = None) -> dict:
+              tracking: dict | None, progress: Path | None = None, placement: Placement | None = None,
+              epoch_ds: list[ray.data.Dataset] | None = None, callbacks: list | None = None) -> dict:
     """Run one task stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the
     stage's own latest checkpoint when its storage already holds one (a re-run after a crash). Rank 0
-    writes its step count to `progress` (the driver's step bar)."""
-    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count()}
+    writes its step count to `progress` (the driver's step bar).
+
+    `epoch_ds` (augmentation): one training dataset per epoch, used instead of `train_ds` (which still gives
+    the unit count); `callbacks`: Ray Train callbacks (a sweep trial passes Tune's report callback)."""
+    train_sets = {f"train_{e}": ds for e, ds in enumerate(epoch_ds)} if epoch_ds else {"train": train_ds}
+    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count(), "train_sets": list(train_sets)}
     return _fit(train_loop_per_worker, name, init_dir, out_dir, config, res, storage, seed, tracking, progress,
-                placement, datasets={"train": train_ds, "val": val_ds})
+                placement, datasets={**train_sets, "val": val_ds}, callbacks=callbacks)
 
 
 def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainConfig, spec: SynthSpec,
@@ -41,7 +49,8 @@ def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainCo
 
 
 def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Resources, storage: Path, seed: int,
-         tracking: dict | None, progress: Path | None, placement: Placement | None, datasets: dict | None) -> dict:
+         tracking: dict | None, progress: Path | None, placement: Placement | None, datasets: dict | None,
+         callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         loop,
         train_loop_config={
@@ -52,15 +61,40 @@ def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Reso
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=2), callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"]) if datasets else None,
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     return result.return_value or {}
+
+
+def loss_config(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str) -> dict:
+    """What the train loop's `StageLoss` needs: weights, temperatures, teacher pools by name, the cache."""
+    loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
+            "sharpness": plan.sharpness,
+            "teachers": [{**t, "name": pool_names[t["stage"]], "replicas": cfg.teachers.replicas}
+                         for t in plan.teachers]}
+    if cfg.cache.enabled and plan.teachers:
+        loss["cache"] = {"root": cache_root, "max_bytes": int(cfg.cache.max_gb * 2**30)}
+    return loss
+
+
+def cache_root(cfg: RunConfig, run_dir: Path) -> str:
+    """Where teacher outputs are cached: `cache.path`, else beside the run's models (shared by its sweeps)."""
+    return cfg.cache.path or str(run_dir / "teacher_cache")
+
+
+def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
+                     init_dir: Path) -> list[ray.data.Dataset] | None:
+    """Per-epoch augmented training data when `augment.enabled`, else None (the shared encoded set)."""
+    if not cfg.augment.enabled:
+        return None
+    processor = HKDProcessor.from_pretrained(init_dir)
+    return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
 
 
 def stage_done(stage_file: Path, fingerprint: str) -> dict | None:

@@ -74,8 +74,13 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_params(params: dict[str, str]) -> None:
-    """MLflow caps a batch at 100 params."""
+def log_params(params: dict[str, str], client: mlflow.MlflowClient | None = None, run_id: str | None = None) -> None:
+    """MLflow caps a batch at 100 params. To the active run, or with `client` to `run_id` (a Tune trial has no
+    active run of its own)."""
     items = list(params.items())
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i:i + 100]))
+        batch = dict(items[i:i + 100])
+        if client is None:
+            mlflow.log_params(batch)
+        else:
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in batch.items()])

@@ -43,10 +43,12 @@ def encode_units(units: dict[str, np.ndarray] | list[dict], processor: HKDProces
     """Tokenize prompts and preprocess images, one row per unit (no padding: `collate` pads per batch).
 
     Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
-    `input_ids` and per-image `pixel_values` are object arrays.
+    `input_ids` and per-image `pixel_values` are object arrays. A unit with `image_array` (an augmented
+    image in memory, uint8 HxWx3) uses it instead of reading `image`.
     """
     rows = _as_rows(units)
-    images = [Image.open(r["image"]).convert("RGB") for r in rows]
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else Image.open(r["image"]).convert("RGB")
+              for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
         add_generation_prompt=True, tokenize=False) for r in rows]
@@ -75,7 +77,8 @@ def _object_array(items: list[np.ndarray]) -> np.ndarray:
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a column batch into model inputs (plus `target` and `uid` passthrough)."""
+    """Left-pad a column batch into model inputs (plus `target`, `uid` and `aug_key` passthrough; `aug_key`
+    is "" for un-augmented units)."""
     seqs = [np.asarray(s) for s in batch["input_ids"]]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -92,7 +95,19 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> d
         "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long),
         "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
         "uid": list(batch["uid"]),
+        "aug_key": list(batch["aug_key"]) if "aug_key" in batch else [""] * len(seqs),
     }
+
+
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """The model inputs of some rows of a collated batch (each row's image patches follow it)."""
+    patches = batch["image_grid_thw"].prod(dim=1)
+    starts = torch.cumsum(patches, 0) - patches
+    pixels = torch.cat([batch["pixel_values"][starts[i]:starts[i] + patches[i]] for i in rows])
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return {"input_ids": batch["input_ids"][index], "attention_mask": batch["attention_mask"][index],
+            "mm_token_type_ids": batch["mm_token_type_ids"][index], "pixel_values": pixels,
+            "image_grid_thw": batch["image_grid_thw"][index]}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ class Teacher:
         self.model.eval().requires_grad_(False)
         self.vocab = len(processor.tokenizer)
         self.label_ids = label_word_ids(processor.tokenizer)
-        self.served = 0
+        self.served = self.served_units = 0  # batches and units answered (forwards a cache saved are absent)
         self._fingerprint: str | None = None
 
     @torch.inference_mode()
@@ -108,6 +108,7 @@ class Teacher:
         logits = self.model(**model_inputs(inputs), logits_to_keep=1).logits[:, -1, :self.vocab].float()
         out = wire_outputs(logits, self.label_ids, k, temperature)
         self.served += 1
+        self.served_units += logits.shape[0]
         return out
 
     def fingerprint(self) -> str:
@@ -120,7 +121,8 @@ class Teacher:
         return {
             "model_dir": self.model_dir, "vocab": self.vocab, "label_ids": self.label_ids,
             "params": count_parameters(self.model), "device": self.device, "threads": torch.get_num_threads(),
-            "pid": os.getpid(), "served": self.served, "node_id": ctx.get_node_id() if ctx else None,
+            "pid": os.getpid(), "served": self.served, "served_units": self.served_units,
+            "node_id": ctx.get_node_id() if ctx else None,
             "restarted": bool(ctx and ctx.get_actor_id() and ctx.was_current_actor_reconstructed),
         }
 

@@ -107,12 +107,14 @@ def train_loop_per_worker(cfg: dict) -> dict:
     total = max(1, round(tc["epochs"] * steps_per_epoch))
     warmup = max(1, int(tc["warmup_ratio"] * total))
     logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
-    shard = ray.train.get_dataset_shard("train")
+    train_sets = cfg.get("train_sets") or ["train"]  # one per epoch when augmenting
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     ddp_model.train()
     throughput = _Throughput(tc["batch_size"] * world)
     while step < total:
-        epoch_end = min(total, (step // steps_per_epoch + 1) * steps_per_epoch)
+        epoch = step // steps_per_epoch
+        epoch_end = min(total, (epoch + 1) * steps_per_epoch)
+        shard = ray.train.get_dataset_shard(train_sets[min(epoch, len(train_sets) - 1)])
         raw_batches = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
         batches = (to_device(collate(raw, pad_id, image_id), device)
@@ -136,13 +138,26 @@ def train_loop_per_worker(cfg: dict) -> dict:
         metrics = _evaluate_rank0(model, processor, label_ids, tc["batch_size"]) if rank == 0 else {}
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
         _report(model, processor, optimizer, step, metrics, rank)
+    teacher_stats = _summed(stage_loss.stats(), world, device)
+    logger.log(step, teacher_stats, every=1)
     if rank == 0:
         save_model_dir(model, processor, cfg["out_dir"])  # merges a LoRA adapter in place
     logger.flush()
     if rank != 0:
         return {}
     return {**_evaluate_rank0(model, processor, label_ids, tc["batch_size"]), "world_size": world, "steps": step,
-            "train_samples_per_s": throughput.rate()}
+            "train_samples_per_s": throughput.rate(), **teacher_stats}
+
+
+def _summed(stats: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Counters summed over the workers (each counts only its own shard's batches)."""
+    if world == 1 or not stats:
+        return stats
+    import torch.distributed as dist
+
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(stats, values.tolist()))
 
 
 class _Throughput:
@@ -173,40 +188,79 @@ class StageLoss:
 
     Teacher outputs for batch i+`prefetch` are requested before step i is computed, so teacher latency
     hides behind student compute; each batch carries its own requests, so outputs never cross batches.
+    With `cfg["cache"]` ({root, max_bytes}), each teacher's cache is asked first and only the missing rows
+    go to the teacher; their answers are stored for later epochs and trials.
     """
 
     def __init__(self, cfg: dict, label_ids: tuple[int, int], device: torch.device | str = "cpu",
                  vocab: int | None = None):
         self.cfg, self.label_ids, self.device, self.vocab = cfg, label_ids, device, vocab
         self.teachers: list[dict] = cfg.get("teachers") or []
+        self.caches: list = []
+        self.teacher_calls = self.teacher_units = 0
 
     def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
         """Yield (batch, pending teacher requests) keeping `prefetch` batches in flight ahead."""
         if not self.teachers:
             yield from ((b, []) for b in batches)
             return
-        from workers.teacher import TeacherPool, to_numpy_inputs
+        from workers.teacher import TeacherPool
 
         pools = [TeacherPool.connect(t["name"], t["replicas"]) for t in self.teachers]
+        if self.cfg.get("cache") and not self.caches:
+            self.caches = [self._open_cache(pool, t["temperature"]) for t, pool in zip(self.teachers, pools)]
         queue: deque = deque()
         for batch in batches:
-            wire = to_numpy_inputs(batch)
-            queue.append((batch, [pool.submit(wire, self.cfg["k"], t["temperature"])
-                                  for t, pool in zip(self.teachers, pools)]))
+            queue.append((batch, [self._request(batch, pool, t["temperature"], i)
+                                  for i, (t, pool) in enumerate(zip(self.teachers, pools))]))
             if len(queue) > self.cfg.get("prefetch", 1):
                 yield queue.popleft()
         yield from queue
 
-    def wait(self, pending: list) -> tuple[list[dict], float]:
-        if not pending:
-            return [], 0.0
+    def _open_cache(self, pool, temperature: float):
         import ray
 
+        from workers.teacher_cache import TeacherCache
+
+        fingerprint = ray.get(pool.handles[0].fingerprint.remote())  # hashed once per actor
+        return TeacherCache(self.cfg["cache"]["root"], fingerprint, self.cfg["k"], temperature,
+                            self.cfg["cache"]["max_bytes"])
+
+    def _request(self, batch: dict, pool, temperature: float, index: int) -> _Request:
+        from workers.prompts import select_rows
+        from workers.teacher import to_numpy_inputs
+        from workers.teacher_cache import unit_key
+
+        cache = self.caches[index] if self.caches else None
+        keys = [unit_key(u, a) for u, a in zip(batch["uid"], batch["aug_key"])]
+        found = cache.get(keys) if cache else [None] * len(keys)
+        missing = [i for i, row in enumerate(found) if row is None]
+        ref = None
+        if missing:
+            inputs = batch if len(missing) == len(keys) else select_rows(batch, missing)
+            ref = pool.submit(to_numpy_inputs(inputs), self.cfg["k"], temperature)
+            self.teacher_calls += 1
+            self.teacher_units += len(missing)
+        return _Request(cache, keys, found, missing, ref)
+
+    def wait(self, pending: list[_Request]) -> tuple[list[dict], float]:
+        if not pending:
+            return [], 0.0
         from workers.teacher import from_wire
 
         t0 = time.perf_counter()
-        outs = [to_device(from_wire(o), self.device) for o in ray.get(pending)]
+        outs = [to_device(from_wire(r.result()), self.device) for r in pending]
         return outs, time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        """Teacher calls and rows actually computed, plus the caches' counters summed over teachers."""
+        if not self.teachers:
+            return {}
+        out = {"teacher/calls": float(self.teacher_calls), "teacher/units": float(self.teacher_units)}
+        for cache in self.caches:
+            for key, value in cache.stats.as_metrics().items():
+                out[key] = out.get(key, 0.0) + value
+        return out
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
                  teacher_outs: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -226,6 +280,25 @@ class StageLoss:
             loss = loss + t["weight"] * kd
             terms[f"loss_kd_{tag}"] = kd.item()
         return loss, terms
+
+
+class _Request:
+    """One teacher's answer for one batch: rows found in the cache plus a teacher call for the misses."""
+
+    def __init__(self, cache, keys: list[str], found: list, missing: list[int], ref):
+        self.cache, self.keys, self.found, self.missing, self.ref = cache, keys, found, missing, ref
+
+    def result(self) -> dict[str, np.ndarray]:
+        import ray
+
+        from workers.teacher_cache import merge
+
+        fresh = ray.get(self.ref) if self.ref is not None else None
+        if self.cache is None:
+            return fresh
+        if fresh is not None:
+            self.cache.put([self.keys[i] for i in self.missing], fresh)
+        return merge(self.found, fresh)
 
 
 def _evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],

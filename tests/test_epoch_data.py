@@ -1,0 +1,102 @@
+"""Augmented training data: the same (id, epoch, seed) encodes to the same sample, through Ray Data too, and the
+teacher answers for exactly the augmented batch the student trains on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from orchestrator.config import AugmentSection, ConfigError, load_config
+from workers.augment import AugmentConfig
+from workers.epoch_data import encode_augmented, epoch_datasets
+from workers.losses import teacher_topk
+from workers.models import HKDProcessor, load_model_dir
+from workers.prompts import collate, encode_units, expand_units
+from workers.teacher import TeacherPool
+from workers.train_loop import StageLoss, answer_logits
+
+CFG = AugmentConfig(flip_p=0.5)
+
+
+def _encode(records: list[dict], processor: HKDProcessor, epoch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return encode_augmented({"record": np.array([json.dumps(r) for r in records])}, processor, epoch, seed, CFG)
+
+
+def _rows(batch: dict) -> dict[str, tuple]:
+    """uid|aug_key → (token ids, pixel bytes)."""
+    return {f"{u}|{a}": (tuple(ids.tolist()), px.tobytes())
+            for u, a, ids, px in zip(batch["uid"], batch["aug_key"], batch["input_ids"], batch["pixel_values"])}
+
+
+def test_same_key_same_encoded_sample(records, tiny_model_dir):
+    processor = HKDProcessor.from_pretrained(tiny_model_dir)
+    first, again = _encode(records[:8], processor, epoch=1), _encode(records[:8], processor, epoch=1)
+    assert _rows(first) == _rows(again)
+    other_epoch, other_seed = _encode(records[:8], processor, epoch=2), _encode(records[:8], processor, 1, seed=7)
+    plain = encode_units(expand_units(records[:8]), processor)
+    for other in (other_epoch, other_seed):
+        assert set(_rows(other)).isdisjoint(_rows(first))  # a new key per (epoch, seed)
+        assert {v[1] for v in _rows(other).values()} != {v[1] for v in _rows(first).values()}
+    assert not {px.tobytes() for px in plain["pixel_values"]} & {v[1] for v in _rows(first).values()}
+    assert sorted(first["uid"]) == sorted(plain["uid"])  # same units (Task 1 options permuted within a record)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_epochs_match_the_direct_map(ray_session, records, tiny_model_dir):
+    processor = HKDProcessor.from_pretrained(tiny_model_dir)
+    epochs = epoch_datasets(records, processor, epochs=2, seed=0, cfg=CFG)
+    for epoch, ds in enumerate(epochs):
+        rows = {}
+        for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+            rows.update(_rows(batch))
+        assert rows == _rows(_encode(records, processor, epoch))
+
+
+def test_teacher_answers_the_batch_the_student_trains_on(ray_session, records, tiny_model_dir):
+    """Online distillation on augmented data: the outputs paired with each augmented batch are the teacher's
+    answer on that very batch (not on the original images or text)."""
+    model, processor = load_model_dir(tiny_model_dir)
+    model.eval()
+    pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
+    augmented = _encode(records[:6], processor, epoch=0)
+    batches = [collate({k: v[i:i + 4] for k, v in augmented.items()}, pad, img) for i in (0, 4)]
+    pool = TeacherPool.start("online-aug", tiny_model_dir, replicas=1, num_cpus=0.5)
+    loss = StageLoss({"k": 8, "prefetch": 1, "teachers": [
+        {"name": "online-aug", "stage": "T", "replicas": 1, "weight": 1.0, "temperature": 1.0}]}, label_ids=(0, 1))
+    plain = encode_units(expand_units(records[:6]), processor)
+    plain_by_uid = {u: i for i, u in enumerate(plain["uid"])}
+    for batch, pending in loss.with_teacher_outputs(iter(batches)):
+        (out,), _ = loss.wait(pending)
+        with torch.no_grad():
+            on_batch, _, _ = teacher_topk(answer_logits(model, batch), 8, 1.0)
+            rows = [plain_by_uid[u] for u in batch["uid"]]
+            original = collate({k: v[rows] for k, v in plain.items()}, pad, img)
+            on_original, _, _ = teacher_topk(answer_logits(model, original), 8, 1.0)
+        torch.testing.assert_close(out["topk_logprobs"].float(), on_batch.float(), atol=5e-3, rtol=0)
+        assert not torch.allclose(out["topk_logprobs"].float(), on_original.float(), atol=5e-3)
+        assert all(batch["aug_key"])
+    pool.shutdown()
+
+
+def test_augment_section_mirrors_augment_config(tmp_path):
+    assert set(AugmentSection.model_fields) == {f.name for f in fields(AugmentConfig)} | {"enabled"}
+    assert AugmentSection().transforms() == AugmentConfig() and not AugmentSection().enabled
+    assert load_config("configs/paper.yaml").augment.enabled and not load_config("configs/quickstart.yaml").augment.enabled
+    path = tmp_path / "c.yaml"
+    path.write_text("levels: {S: {}}\ndirect: {levels: [S]}\naugment: {enabled: true, brightnes: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'augment.brightnes' \(did you mean 'brightness'\?\)"):
+        load_config(path)
+    path.write_text("levels: {S: {}}\ndirect: {levels: [S]}\naugment: {crop_scale: 1.5}\n")
+    with pytest.raises(ConfigError, match="'augment.crop_scale': Input should be less than 1"):
+        load_config(path)
