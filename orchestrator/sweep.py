@@ -144,7 +144,7 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
     try:
         result = fit_stage(f"{plan.name}-{trial_id}", ctx.init_dir, ctx.out_dir / "trials" / trial_id, train_ds,
                            val_ds, plan.train, loss, cfg.resources, ctx.out_dir / "train", cfg.seed,
-                           {"uri": ctx.uri, "run_id": run_id},
+                           {"uri": ctx.uri, "run_id": run_id}, placement=cfg.placement,
                            epoch_ds=augmented_epochs(cfg, plan.train, ctx.records, ctx.init_dir),
                            callbacks=[TuneReportCallback()])
     except BaseException:
