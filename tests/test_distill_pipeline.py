@@ -75,7 +75,9 @@ def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path
     assert list(ablation) == ["full method", "no shift", "no PPOD", "no TCRD"]
     assert ablation["full method"] == report["rows"]["S+PPOD+TCRD+shift"]
     assert ablation["no shift"] == report["rows"]["S+PPOD+TCRD"]
-    assert ablation["no TCRD"] == report["rows"]["S+PPOD+shift"]
+    no_tcrd = run_dir / "ablation" / "no-TCRD"
+    assert all((no_tcrd / "models" / m).is_symlink() for m in ("L", "M", "S", "M+PPOD", "S+PPOD"))
+    assert json.loads((no_tcrd / "report.json").read_text())["rows"]["S+PPOD+shift"] == ablation["no TCRD"]
     no_ppod = run_dir / "ablation" / "no-PPOD"
     assert (no_ppod / "models" / "S+TCRD").is_dir() and not (no_ppod / "models" / "S+TCRD").is_symlink()
     assert all((no_ppod / "models" / lv).is_symlink() for lv in ("L", "M", "S"))
