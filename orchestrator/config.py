@@ -60,6 +60,7 @@ class LevelConfig(Strict):
     """A pyramid level: a tiny shape built offline, or `path` to any HF Qwen2.5-VL dir (or hub name)."""
 
     path: str | None = None
+    trust_remote_code: bool = Field(False, description="let this level's model dir run its own Python code")
     hidden: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
@@ -171,7 +172,6 @@ class RunConfig(Strict):
     teachers: TeacherResources = Field(default_factory=TeacherResources)
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
-    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _levels_known(self) -> RunConfig:

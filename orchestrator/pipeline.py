@@ -13,17 +13,18 @@ import numpy as np
 import ray
 import ray.data
 
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, RunConfig
 from orchestrator.placement import init_ray
 from orchestrator.report import write_report
 from orchestrator.stages import StagePlan, fit_stage, mark_done, plan_stages, stage_done, stage_tracking
-from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
+from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
+                                   masked, tracking_uri, using_store)
 from workers import synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records, shifted
-from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
-                            load_model_dir)
+from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
+                            check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import encode_units, expand_units
 from workers.teacher import TeacherPool, check_compatible
 
@@ -32,19 +33,24 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     """Execute the whole run; finished stages (result file present) are skipped on a re-run."""
     plans = plan_stages(cfg)
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)
-    check_reachable(uri)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)  # before anything of the run is written, not after an hour of training
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(masked(cfg.model_dump()), indent=2))
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
+    check_tokenizers(plans, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus)
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: _encode(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
+    with using_store(uri, cfg.tracking.experiment):
+        for run_id in end_stale_runs(run_dir, cfg.tracking.experiment):
+            log(f"MLflow run {run_id} of an interrupted attempt marked KILLED")
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
-        mlflow.set_tag("run_dir", str(run_dir))
+        mlflow.set_tags({"run_dir": str(run_dir), "driver": driver_tag()})
         log_params(flatten(cfg.model_dump()))
         try:
             for i, plan in enumerate(plans):
@@ -57,7 +63,7 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
         report = write_report(run_dir, rows)
         mlflow.log_artifact(str(run_dir / "report.json"))
         mlflow.log_artifact(str(run_dir / "report.md"))
-        log(f"MLflow run {parent.info.run_id} at {uri}")
+        log(f"MLflow run {parent.info.run_id} at {mask_uri(uri)}")
     return report
 
 
@@ -93,16 +99,31 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
     image_size = cfg.data.synth.image_size
     for level, lc in cfg.levels.items():
         if lc.path:
+            try:
+                check_model_dir(lc.path)
+            except ModelDirError as err:
+                raise ConfigError(f"levels.{level}.path: {err}") from None
             out[level] = Path(lc.path)
             continue
         target = run_dir / "models" / "init" / level
         if not (target / "config.json").is_file():
             if tokenizer is None:
                 tokenizer = build_tokenizer(_corpus(train_records), vocab_size=cfg.vocab_size)
-            shape = LevelShape(**lc.model_dump(exclude={"path"}))
+            shape = LevelShape(**lc.model_dump(exclude={"path", "trust_remote_code"}))
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
+
+
+def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None:
+    """Refuse a teacher level whose tokenizer differs from its student's before any stage trains (a stage's
+    model keeps its level's tokenizer, so the initial dirs decide)."""
+    level_of = {p.name: p.level for p in plans}
+    for teacher, student in sorted({(level_of[t["stage"]], p.level) for p in plans for t in p.teachers}):
+        try:
+            check_compatible(init_dirs[teacher], init_dirs[student])
+        except ValueError as err:
+            raise ConfigError(f"levels.{teacher} / levels.{student}: {err}") from None
 
 
 def _corpus(records: list[dict]) -> list[str]:
@@ -133,24 +154,28 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
             "sharpness": plan.sharpness, "teachers": []}
     for t in plan.teachers:
         teacher_dir = model_dir(run_dir, t["stage"])
-        check_compatible(teacher_dir, init_dir)
         pool_name = _pool_name(run_dir, t["stage"])
         if t["stage"] not in pools:
             pools[t["stage"]] = TeacherPool.start(pool_name, teacher_dir, replicas=cfg.teachers.replicas,
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teachers.num_gpus,
-                                                 max_restarts=cfg.teachers.max_restarts)
+                                                 max_restarts=cfg.teachers.max_restarts,
+                                                 trust_remote_code=cfg.levels[t["level"]].trust_remote_code)
         loss["teachers"].append({**t, "name": pool_name, "replicas": cfg.teachers.replicas})
     log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {plan.train.epochs} epochs")
+    remote_code = cfg.levels[plan.level].trust_remote_code
     start = time.time()
     with mlflow.start_run(run_name=plan.name, nested=True):
         mlflow.set_tags({"stage": plan.name, "level": plan.level, "kind": plan.kind})
         log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
         val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri))
-        scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
-        shift = calibrate_model(out_dir, splits["val"])
+                        cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), remote_code)
+        mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
+                            for t in plan.teachers})
+        scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={},
+                               trust_remote_code=remote_code)
+        shift = calibrate_model(out_dir, splits["val"], remote_code)
         with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
-        model, _ = load_model_dir(out_dir)
+        model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
         result = {"level": plan.level, "kind": plan.kind, "val": val, "test": scored["metrics"],
                   "test_shift": with_shift["metrics"], "shift": shift, "params": count_parameters(model),
                   "samples_per_s": scored["samples_per_s"], "wall_s": time.time() - start,
@@ -165,10 +190,11 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, 
     return result
 
 
-def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:
+def calibrate_model(model_dir: Path, val_records: list[dict], trust_remote_code: bool = False) -> dict:
     """Mapping shift: per-task offset on the label-word margin that maximises validation macro-F1,
     stored in the model dir (used by `hkd evaluate` and `hkd predict`)."""
-    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={})
+    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={},
+                           trust_remote_code=trust_remote_code)
     tasks = np.array([u["task"] for u in scored["units"]])
     targets = np.array([u["target"] for u in scored["units"]])
     per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in sorted(set(tasks))}

@@ -16,6 +16,8 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0) -> None:
     A local Ray gets the CPUs that train workers and teacher actors reserve (at least the machine's), plus one
     logical CPU more: Ray Data's read/map tasks need a CPU
     while the workers hold theirs, and without the spare one the stage waits forever (seen on 2 cores).
+    The local Ray is always a private one (`address="local"`): Ray's default would join whatever cluster
+    /tmp/ray/ray_current_cluster last named, even a dead one or another user's.
     """
     if ray.is_initialized():
         return
@@ -25,7 +27,7 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              include_dashboard=False, log_to_driver=True)
 
 

@@ -14,13 +14,16 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import ConfigError, Resources, RunConfig, TrainConfig
+from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.train_loop import train_loop_per_worker
+
+MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
 
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None) -> dict:
+              tracking: dict | None, trust_remote_code: bool = False) -> dict:
     """Run one stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the stage's
     own latest checkpoint when its storage already holds one (a re-run after a crash)."""
     trainer = TorchTrainer(
@@ -28,20 +31,36 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
         train_loop_config={
             "model_dir": str(init_dir), "out_dir": str(out_dir), "train": train.model_dump(), "loss": loss,
             "n_units": train_ds.count(), "threads": torch_threads(res), "seed": seed, "tracking": tracking,
+            "trust_remote_code": trust_remote_code,
         },
         scaling_config=scaling(res),
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise StageError(f"stage {name} failed after {MAX_FAILURES} retries: {root_cause(err)}") from err
     if result.error:
-        raise result.error
+        raise StageError(f"stage {name} failed: {root_cause(result.error)}") from result.error
     return result.return_value or {}
+
+
+def root_cause(err: BaseException) -> str:
+    """The last line of the innermost error: what a user needs (e.g. `OSError: [Errno 28] No space left on
+    device: ...`), not Ray's wrapper tracebacks."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def stage_done(stage_file: Path) -> dict | None:
@@ -84,7 +103,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
     latest = {p.level: p.name for p in plans}
     if cfg.ppod.enabled:
         for st in cfg.ppod.stages:
-            teachers = [{"stage": _need(latest, t.level, "ppod"), "weight": t.weight,
+            teachers = [{"stage": _need(latest, t.level, "ppod"), "level": t.level, "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
             plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", None, cfg.ppod.train,
                                    cfg.ppod.ce_weight, teachers))
@@ -93,7 +112,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         tc = cfg.tcrd
         init = _need(latest, tc.student, "tcrd")
         base = init.removesuffix("-direct")
-        teachers = [{"stage": _need(latest, lv, "tcrd"), "weight": w, "temperature": tc.temperature,
+        teachers = [{"stage": _need(latest, lv, "tcrd"), "level": lv, "weight": w, "temperature": tc.temperature,
                      "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
                                tc.sharpness))
