@@ -133,11 +133,13 @@ def _corpus(records: list[dict]) -> list[str]:
 
 def _encode(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
-    (every stage reuses it; the train workers never decode images)."""
+    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
     units = expand_units(records)
-    return ray.data.from_items(units).map_batches(
+    ds = ray.data.from_items(units).map_batches(
         encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
-    ).materialize()
+    )
+    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
+    return ds.materialize()
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, init_dirs: dict[str, Path],

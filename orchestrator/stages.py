@@ -40,7 +40,7 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered()),
     )
     try:
         result = trainer.fit()
@@ -49,6 +49,15 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
     if result.error:
         raise StageError(f"stage {name} failed: {root_cause(result.error)}") from result.error
     return result.return_value or {}
+
+
+def _ordered():
+    """Ray Train's ingest options with a fixed block order: every epoch, every run and a resumed attempt see
+    the same batches (Ray Data's default order follows task completion), so a stage is reproducible and a
+    resumed stage redoes exactly the steps it lost."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def root_cause(err: BaseException) -> str:

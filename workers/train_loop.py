@@ -24,7 +24,7 @@ from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_mo
 from workers.prompts import collate, model_inputs
 
 STATE_FILE = "trainer_state.pt"
-FLUSH_S = 2.0  # per-step metrics reach MLflow at least this often (live curves; little lost to a crash)
+FLUSH_S = 1.0  # per-step metrics reach MLflow at least this often (live curves; little lost to a crash)
 
 
 def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
