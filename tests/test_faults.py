@@ -138,7 +138,7 @@ def test_teacher_killed_mid_stage_restarts_and_matches(config, reference, tmp_pa
     killed = []
 
     def kill_teacher_mid_stage():
-        _wait(lambda: len(_steps(run_dir)) >= 3, 600, "S+PPOD steps")
+        _wait(lambda: len(_steps(run_dir)) >= 3, 1200, "S+PPOD steps")
         killed.append(faults.kill_teacher(_pool_name(run_dir, "L-direct")))
 
     thread = _in_background(kill_teacher_mid_stage)
@@ -159,7 +159,7 @@ def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp
     uri, seen = _uri(run_dir), {}
 
     def kill_worker_between_checkpoints():
-        _wait(lambda: _between_checkpoints(run_dir), 600, "a step between two checkpoints")
+        _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints")
         seen["ckpt"] = faults.last_checkpoint_step(uri, STAGE)
         seen["last"] = faults.logged_steps(uri, STAGE)[-1]
         seen["pid"] = faults.kill_train_worker()
@@ -195,7 +195,7 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
         driver = subprocess.Popen(_hkd_run(config, run_dir), env=_own_env(), start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 600, "a step between checkpoints")
+        _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 1200, "a step between checkpoints")
         assert driver.poll() is None, f"the driver ended before the kill:\n{log.read_text()[-3000:]}"
         ckpt = faults.last_checkpoint_step(uri, STAGE)
         os.kill(driver.pid, signal.SIGKILL)
@@ -207,7 +207,7 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
             pass
     finished = {p: (run_dir / p).read_bytes() for p in ("stages/L-direct.json", "models/L/model.safetensors")}
 
-    again = subprocess.run(_hkd_run(config, run_dir), env=_own_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_hkd_run(config, run_dir), env=_own_env(), capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[L-direct] already finished: skipped" in again.stdout
     assert all((run_dir / p).read_bytes() == data for p, data in finished.items())
@@ -252,7 +252,7 @@ def test_storage_full_mid_stage_fails_clearly(config, reference, tmp_path, small
     (run_dir / "models").symlink_to(small_fs)
 
     def fill_once_training():
-        _wait(lambda: _steps(run_dir), 600, "training")
+        _wait(lambda: _steps(run_dir), 1200, "training")
         _fill(small_fs)
 
     thread = _in_background(fill_once_training)
