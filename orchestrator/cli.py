@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.errors import StageError
 from workers.data import DataError
 
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"hkd: error: {err}", file=sys.stderr)
         return 2
+    except (StageError, OSError) as err:  # a run that failed (storage, a stage out of retries): no traceback
+        print(f"hkd: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,8 +190,12 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model dir (config.json missing)")
+    from workers.models import check_model_dir
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model dir")
+    check_model_dir(model_dir)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,6 +62,7 @@ class LevelConfig(Strict):
     """A pyramid level: a tiny shape built offline, or `path` to any HF Qwen2.5-VL dir (or hub name)."""
 
     path: str | None = None
+    trust_remote_code: bool = Field(False, description="let this level's model dir run its own Python code")
     hidden: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
@@ -76,7 +77,7 @@ class LevelConfig(Strict):
 
     def shape_fields(self) -> dict[str, Any]:
         """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
-        return self.model_dump(exclude={"path", "teacher_gpus"})
+        return self.model_dump(exclude={"path", "teacher_gpus", "trust_remote_code"})
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
@@ -262,7 +263,6 @@ class RunConfig(Strict):
     tracking: Tracking = Field(default_factory=Tracking)
     augment: AugmentSection = Field(default_factory=AugmentSection)
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _levels_known(self) -> RunConfig:

@@ -13,21 +13,22 @@ import numpy as np
 import ray
 import ray.data
 
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, RunConfig
 from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
 from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fingerprints, fit_grounding, fit_stage,
                                  loss_config, mark_done, plan_stages, stage_done, stage_tracking)
-from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
+from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
+                                   masked, tracking_uri, using_store)
 from workers import augment, synth
 from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
 from workers.evaluate import score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
-from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, count_parameters,
-                            load_model_dir)
+from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
+                            check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import encode_units, expand_units
 from workers.teacher import TeacherPool, check_compatible
 
@@ -37,22 +38,27 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     plans = plan_stages(cfg)
     prints = fingerprints(cfg, plans)
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     for plan in plans:  # refuse a run dir finished under another config before doing any work
         stage_done(run_dir / "stages" / f"{plan.name}.json", prints[plan.name])
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)
-    check_reachable(uri)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)  # before anything of the run is written, not after an hour of training
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(masked(cfg.model_dump()), indent=2))
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
+    check_tokenizers(plans, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
              custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
+    with using_store(uri, cfg.tracking.experiment):
+        for run_id in end_stale_runs(run_dir, cfg.tracking.experiment):
+            log(f"MLflow run {run_id} of an interrupted attempt marked KILLED")
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
-        mlflow.set_tag("run_dir", str(run_dir))
+        mlflow.set_tags({"run_dir": str(run_dir), "driver": driver_tag()})
         log_params(flatten(cfg.model_dump()))
         bar = stage_bar(len(plans))
         try:
@@ -72,7 +78,7 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
         mlflow.log_artifact(str(run_dir / "report.md"))
         for path in render_plots(run_dir, rows, report, uri):
             mlflow.log_artifact(str(path), artifact_path="plots")
-        log(f"MLflow run {parent.info.run_id} at {uri}")
+        log(f"MLflow run {parent.info.run_id} at {mask_uri(uri)}")
     return report
 
 
@@ -113,6 +119,10 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
     image_size = cfg.data.synth.image_size
     for level, lc in cfg.levels.items():
         if lc.path:
+            try:
+                check_model_dir(lc.path)
+            except ModelDirError as err:
+                raise ConfigError(f"levels.{level}.path: {err}") from None
             out[level] = Path(lc.path)
             continue
         target = run_dir / "models" / "init" / level
@@ -125,6 +135,17 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
     return out
 
 
+def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None:
+    """Refuse a teacher level whose tokenizer differs from its student's before any stage trains (a stage's
+    model keeps its level's tokenizer, so the initial dirs decide)."""
+    level_of = {p.name: p.level for p in plans}
+    for teacher, student in sorted({(level_of[t["stage"]], p.level) for p in plans for t in p.teachers}):
+        try:
+            check_compatible(init_dirs[teacher], init_dirs[student])
+        except ValueError as err:
+            raise ConfigError(f"levels.{teacher} / levels.{student}: {err}") from None
+
+
 def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     texts = [u["text"] for u in expand_units(records)]
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
@@ -132,11 +153,13 @@ def _corpus(records: list[dict], augmenting: bool) -> list[str]:
 
 def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
     """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
-    (every stage reuses it; the train workers never decode images)."""
+    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
     units = expand_units(records)
-    return ray.data.from_items(units).map_batches(
+    ds = ray.data.from_items(units).map_batches(
         encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
-    ).materialize()
+    )
+    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
+    return ds.materialize()
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
@@ -151,6 +174,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
     init_dir = model_dir(run_dir, plan.init) if plan.init else init_dirs[plan.level]
     length = f"{plan.train.steps} steps" if plan.kind == "grounding" else f"{plan.train.epochs} epochs"
     log(f"[{plan.name}] training {plan.level} ({plan.kind}) for {length}")
+    remote_code = cfg.levels[plan.level].trust_remote_code
     start = time.time()
     progress = run_dir / "ray" / f"{plan.name}.progress"
     with mlflow.start_run(run_name=plan.name, nested=True) as stage_run:
@@ -166,11 +190,14 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
                 val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
                                 cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement,
-                                epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir))
+                                epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir),
+                                trust_remote_code=remote_code)
+                mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
+                                    for t in plan.teachers})
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
                   "model_dir": str(out_dir), "mlflow_run_id": stage_run.info.run_id}
         if plan.kind != "grounding":  # pre-training has no task to test
-            result.update(_test(out_dir, splits))
+            result.update(_test(out_dir, splits, remote_code))
         result["wall_s"] = time.time() - start
         mlflow.log_metric("wall_s", result["wall_s"])
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
@@ -181,12 +208,12 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
     return result
 
 
-def _test(out_dir: Path, splits: dict[str, list[dict]]) -> dict:
+def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> dict:
     """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
-    scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={})
-    shift = calibrate_model(out_dir, splits["val"])
+    scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
+    shift = calibrate_model(out_dir, splits["val"], remote_code)
     with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
-    model, _ = load_model_dir(out_dir)
+    model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
     mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
     mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
     mlflow.log_metric("params", count_parameters(model))
@@ -207,14 +234,16 @@ def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: 
             pools[t["stage"]] = TeacherPool.start(names[t["stage"]], teacher_dir, replicas=cfg.teachers.replicas,
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
                                                  max_restarts=cfg.teachers.max_restarts,
-                                                 resources=cfg.placement.teacher)
+                                                 resources=cfg.placement.teacher,
+                                                 trust_remote_code=cfg.levels[t["level"]].trust_remote_code)
     return names
 
 
-def calibrate_model(model_dir: Path, val_records: list[dict]) -> dict:
+def calibrate_model(model_dir: Path, val_records: list[dict], trust_remote_code: bool = False) -> dict:
     """Mapping shift: per-task offset on the label-word margin that maximises validation macro-F1,
     stored in the model dir (used by `hkd evaluate` and `hkd predict`)."""
-    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={})
+    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={},
+                           trust_remote_code=trust_remote_code)
     tasks = np.array([u["task"] for u in scored["units"]])
     targets = np.array([u["target"] for u in scored["units"]])
     per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in sorted(set(tasks))}

@@ -18,6 +18,8 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
     logical CPU more: Ray Data's read/map tasks need a CPU
     while the workers hold theirs, and without the spare one the stage waits forever (seen on 2 cores).
     `custom`: the placement's custom resources, advertised by a local Ray so the same config runs on one machine.
+    The local Ray is always a private one (`address="local"`): Ray's default would join whatever cluster
+    /tmp/ray/ray_current_cluster last named, even a dead one or another user's.
     """
     if ray.is_initialized():
         return
@@ -27,7 +29,6 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
-    # address="local": a bare ray.init() would join any cluster `ray start` left in /tmp/ray and then refuse num_cpus.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              resources=custom or None, include_dashboard=False, log_to_driver=True)
 

@@ -16,6 +16,7 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import ConfigError, Placement, PretrainConfig, Resources, RunConfig, TrainConfig
+from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
@@ -23,11 +24,14 @@ from workers.epoch_data import epoch_datasets
 from workers.models import HKDProcessor
 from workers.train_loop import train_loop_per_worker
 
+MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
+
 
 def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
               train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
               tracking: dict | None, progress: Path | None = None, placement: Placement | None = None,
-              epoch_ds: list[ray.data.Dataset] | None = None, callbacks: list | None = None) -> dict:
+              epoch_ds: list[ray.data.Dataset] | None = None, callbacks: list | None = None,
+              trust_remote_code: bool = False) -> dict:
     """Run one task stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the
     stage's own latest checkpoint when its storage already holds one (a re-run after a crash). Rank 0
     writes its step count to `progress` (the driver's step bar).
@@ -35,7 +39,8 @@ def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Datas
     `epoch_ds` (augmentation): one training dataset per epoch, used instead of `train_ds` (which still gives
     the unit count); `callbacks`: Ray Train callbacks (a sweep trial passes Tune's report callback)."""
     train_sets = {f"train_{e}": ds for e, ds in enumerate(epoch_ds)} if epoch_ds else {"train": train_ds}
-    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count(), "train_sets": list(train_sets)}
+    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count(), "train_sets": list(train_sets),
+              "trust_remote_code": trust_remote_code}
     return _fit(train_loop_per_worker, name, init_dir, out_dir, config, res, storage, seed, tracking, progress,
                 placement, datasets={**train_sets, "val": val_ds}, callbacks=callbacks)
 
@@ -61,14 +66,18 @@ def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Reso
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=2), callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=MAX_FAILURES), callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"]) if datasets else None,
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"],
+                                  execution_options=_ordered()) if datasets else None,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise StageError(f"stage {name} failed after {MAX_FAILURES} retries: {root_cause(err)}") from err
     if result.error:
-        raise result.error
+        raise StageError(f"stage {name} failed: {root_cause(result.error)}") from result.error
     return result.return_value or {}
 
 
@@ -95,6 +104,27 @@ def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
         return None
     processor = HKDProcessor.from_pretrained(init_dir)
     return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
+
+
+def _ordered():
+    """Ray Train's ingest options with a fixed block order: every epoch, every run and a resumed attempt see
+    the same batches (Ray Data's default order follows task completion), so a stage is reproducible and a
+    resumed stage redoes exactly the steps it lost."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def root_cause(err: BaseException) -> str:
+    """The last line of the innermost error: what a user needs (e.g. `OSError: [Errno 28] No space left on
+    device: ...`), not Ray's wrapper tracebacks."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def stage_done(stage_file: Path, fingerprint: str) -> dict | None:

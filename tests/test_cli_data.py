@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,3 +77,11 @@ def test_evaluate_json_lines(tiny_model_dir, bench_dir, capsys):
     for row in rows:
         assert set(row) == {"file", "task", "n", "f1", "accuracy", "auroc", "ece"} and row["n"] > 0
         assert 0 <= row["f1"] <= 1 and 0 <= row["ece"] <= 1
+
+
+def test_evaluate_incomplete_model_dir_exits_2(tiny_model_dir, bench_dir, tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    assert main(["evaluate", str(broken), str(bench_dir / "factuality" / "test.jsonl")]) == 2
+    assert f"{broken}: not a complete model dir (model.safetensors missing)" in capsys.readouterr().err

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from workers import synth
-from workers.models import (LABEL_WORDS, build_tokenizer, check_same_tokenizer, label_word_ids,
+from workers.models import (LABEL_WORDS, ModelDirError, build_tokenizer, check_same_tokenizer, label_word_ids,
                             load_model_dir, save_model_dir)
 from workers.prompts import collate, encode_units, expand_units, model_inputs
 from workers.train_loop import answer_logits, positive_prob
@@ -57,7 +64,47 @@ def test_tokenizer_mismatch_is_refused(tokenizer):
     check_same_tokenizer(tokenizer, tokenizer)
 
 
-def test_model_dir_missing_files_is_refused(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json missing"):
-        load_model_dir(tmp_path / "empty")
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_model_dir_missing_files_is_refused(tiny_model_dir, tmp_path, missing):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / missing).unlink()
+    with pytest.raises(ModelDirError, match=re.escape(f"{broken}: not a complete model dir ({missing} missing)")):
+        load_model_dir(broken)
+
+
+def test_sharded_model_dir_missing_a_shard_is_refused(tiny_model_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelDirError, match="model-00002-of-00002.safetensors missing"):
+        load_model_dir(sharded)
+
+
+FULL_DISK_SAVE = """
+import resource, signal, sys
+from workers.models import load_model_dir, save_model_dir
+model, processor = load_model_dir(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+try:
+    save_model_dir(model, processor, sys.argv[2])
+except Exception as err:  # safetensors reports I/O errors as its own type
+    sys.exit(f"refused: {err}")
+"""
+
+
+def test_save_on_full_storage_leaves_previous_dir_and_no_partial(tiny_model_dir, tmp_path):
+    """Storage that runs out while a model dir is written (the writer process may write at most 64 KiB per
+    file): the save fails, removes its partial temporary dir, and the complete dir of the same name that was
+    there before is untouched."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(tiny_model_dir), str(out)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "File too large" in proc.stderr.split("refused: ")[-1], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -20,7 +20,7 @@ from workers.train_loop import answer_logits, task_metrics
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,
                   threads: int | None = None, shift: dict[str, float] | None = None,
-                  tta: bool = False) -> dict:
+                  tta: bool = False, trust_remote_code: bool = False) -> dict:
     """Margin and P(positive) per unit, metrics per task (when labelled) and inference samples/s.
 
     `margin` is logit(yes) − logit(no), averaged with the horizontally flipped view when `tta` (image mirrored,
@@ -30,7 +30,7 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     if threads:
         torch.set_num_threads(threads)
     shift = load_shift(model_dir) if shift is None else shift
-    model, processor = load_model_dir(model_dir)
+    model, processor = load_model_dir(model_dir, trust_remote_code=trust_remote_code)
     label_ids = label_word_ids(processor.tokenizer)
     units = expand_units(records)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id

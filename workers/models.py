@@ -163,36 +163,68 @@ def save_model_dir(model: torch.nn.Module, processor: HKDProcessor, out_dir: str
     """Write a complete model dir under a temporary name, then rename: a dir that exists is complete.
 
     A LoRA (PEFT) model is saved as its adapter under `adapter/` plus merged weights; it is merged in place,
-    so save it after its last training step.
+    so save it after its last training step. A failed write (disk full, read-only storage) removes its partial
+    temporary dir; a previous dir of the same name is moved aside, never deleted in place, so a crash cannot
+    leave it half-deleted.
     """
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if is_lora(model):
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if extra:
-        (tmp / "hkd.json").write_text(json.dumps(extra, indent=2))
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    try:
+        if is_lora(model):
+            model.save_pretrained(tmp / ADAPTER_DIR)
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if extra:
+            (tmp / "hkd.json").write_text(json.dumps(extra, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def load_model_dir(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    trust_remote_code: bool = False) -> tuple[torch.nn.Module, HKDProcessor]:
-    """Load any Qwen2.5-VL-style HF dir (ours or a real checkpoint) with its processor."""
-    path = Path(model_dir)
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model dir (config.json missing)")
+    """Load any Qwen2.5-VL-style HF dir (ours or a real checkpoint) with its processor.
+
+    Weights load from safetensors only (a pickled `.bin` could run code); a model's own Python code runs
+    only when the caller opts in with `trust_remote_code`, and then with a warning naming the model.
+    """
+    check_model_dir(model_dir)
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on for {model_dir}: its Python code will run", stacklevel=2)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        use_safetensors=True)
     processor = HKDProcessor.from_pretrained(model_dir)
     return model.to(device), processor
+
+
+class ModelDirError(FileNotFoundError):
+    """A local model dir that cannot be loaded; the message names the dir and what is missing."""
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """Refuse a local dir missing the config, safetensors weights (every shard of an index) or tokenizer,
+    before anything loads. A path that does not exist is left to Hugging Face (a hub name)."""
+    path = Path(model_dir)
+    if not path.exists():
+        return
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing += [s for s in shards if not (path / s).is_file()]
+    elif not (path / "model.safetensors").is_file():
+        missing.append("model.safetensors")
+    if missing:
+        raise ModelDirError(f"{path}: not a complete model dir ({', '.join(missing)} missing)")
 
 
 def label_word_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:

@@ -84,13 +84,14 @@ def check_compatible(teacher_dir: str | Path, student_dir: str | Path) -> None:
 class Teacher:
     """One frozen teacher replica (wrapped with `ray.remote` by `TeacherPool`)."""
 
-    def __init__(self, model_dir: str | Path, threads: int = 1):
+    def __init__(self, model_dir: str | Path, threads: int = 1, trust_remote_code: bool = False):
         # Ray sets OMP_NUM_THREADS=1 in actors: without this torch ignores the CPUs the actor reserved.
         torch.set_num_threads(max(1, int(threads)))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model_dir = str(model_dir)
-        self.model, processor = load_model_dir(model_dir, dtype=dtype, device=self.device)
+        self.model, processor = load_model_dir(model_dir, dtype=dtype, device=self.device,
+                                               trust_remote_code=trust_remote_code)
         self.model.eval().requires_grad_(False)
         self.vocab = len(processor.tokenizer)
         self.label_ids = label_word_ids(processor.tokenizer)
@@ -145,7 +146,8 @@ class TeacherPool:
     def start(cls, name: str, model_dir: str | Path, replicas: int = 1, num_cpus: float = 1.0,
               num_gpus: float = 0.0, threads: int | None = None, max_restarts: int = 3,
               max_task_retries: int = 3, namespace: str = "hkd",
-              student_dir: str | Path | None = None, resources: dict[str, float] | None = None) -> TeacherPool:
+              student_dir: str | Path | None = None, resources: dict[str, float] | None = None,
+              trust_remote_code: bool = False) -> TeacherPool:
         """Start (or reuse, if already live) `replicas` named actors owned by this driver.
 
         `threads` defaults to the CPU share; `student_dir`, when given, is checked for a shared tokenizer
@@ -159,7 +161,7 @@ class TeacherPool:
             actor_cls.options(name=actor_name(name, i), namespace=namespace, get_if_exists=True,
                               num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
                               max_restarts=max_restarts,
-                              max_task_retries=max_task_retries).remote(str(model_dir), threads)
+                              max_task_retries=max_task_retries).remote(str(model_dir), threads, trust_remote_code)
             for i in range(replicas)
         ]
         return cls(handles)
@@ -185,6 +187,13 @@ class TeacherPool:
 
     def info(self) -> list[dict]:
         return ray.get([h.info.remote() for h in self.handles])
+
+    def restarts(self) -> int:
+        """How often the pool's replica processes were restarted, as Ray's control store (GCS) counts it
+        (Ray's public state API needs the dashboard, which local runs leave off)."""
+        from ray._private import state
+
+        return sum(int(state.actors(h._actor_id.hex())["NumRestarts"]) for h in self.handles)
 
     def shutdown(self) -> None:
         """Kill the replicas for good (no restart)."""

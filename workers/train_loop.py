@@ -26,6 +26,7 @@ from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_mo
 from workers.prompts import collate, model_inputs
 
 STATE_FILE = "trainer_state.pt"
+FLUSH_S = 1.0  # per-step metrics reach MLflow at least this often (live curves; little lost to a crash)
 
 
 def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -94,7 +95,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     tc = cfg["train"]
     device = ray.train.torch.get_device()
     model, processor = load_model_dir(cfg["model_dir"], dtype=getattr(torch, tc.get("dtype", "float32")),
-                                      device=str(device))
+                                      device=str(device), trust_remote_code=cfg.get("trust_remote_code", False))
     if tc.get("lora"):
         model = add_lora(model, tc["lora"])
     label_ids = label_word_ids(processor.tokenizer)
@@ -107,6 +108,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
     total = max(1, round(tc["epochs"] * steps_per_epoch))
     warmup = max(1, int(tc["warmup_ratio"] * total))
     logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
+    if step:
+        logger.log(step, {"resumed_from_step": step}, every=1)  # where a restarted attempt picked up
     train_sets = cfg.get("train_sets") or ["train"]  # one per epoch when augmenting
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     ddp_model.train()
@@ -137,6 +140,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
                        every=tc["log_every"])
         metrics = _evaluate_rank0(model, processor, label_ids, tc["batch_size"]) if rank == 0 else {}
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
+        logger.flush()  # every metric up to a checkpoint is in MLflow before the checkpoint exists
         _report(model, processor, optimizer, step, metrics, rank)
     teacher_stats = _summed(stage_loss.stats(), world, device)
     logger.log(step, teacher_stats, every=1)
@@ -355,7 +359,8 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 class _StepLogger:
-    """Buffers per-step metrics and sends them to the stage's MLflow run in batches (rank 0 only)."""
+    """Buffers per-step metrics and sends them to the stage's MLflow run in batches (rank 0 only), at
+    least every `FLUSH_S` seconds and before each checkpoint."""
 
     def __init__(self, tracking: dict | None, enabled: bool, progress: str | None = None, total: int = 0):
         self.client = None
@@ -363,6 +368,7 @@ class _StepLogger:
         # The driver's step bar polls this file (orchestrator/progress.py): rank 0 writes it twice a second.
         self.progress = Path(progress) if enabled and progress else None
         self.total, self.last_write = total, 0.0
+        self.flushed_at = time.monotonic()
         if enabled and tracking:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow import MlflowClient
@@ -381,10 +387,11 @@ class _StepLogger:
 
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(k, float(v), now, step) for k, v in values.items())
-        if len(self.buffer) >= 200:
+        if len(self.buffer) >= 200 or time.monotonic() - self.flushed_at >= FLUSH_S:
             self.flush()
 
     def flush(self) -> None:
         if self.client is not None and self.buffer:
             self.client.log_batch(self.run_id, metrics=self.buffer)
             self.buffer = []
+        self.flushed_at = time.monotonic()

@@ -1,0 +1,266 @@
+"""Faults injected for real into a running pipeline (SIGKILL of a teacher replica, a Ray Train worker, the
+`hkd run` driver itself): each run must finish, resume from its last checkpoint and match a fault-free run.
+
+One module-scoped fault-free run (L-direct, then S+PPOD distilled from L) is the reference; the in-process
+fault tests start from a copy of its finished L-direct, so each pays for one distillation stage only.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+
+from orchestrator import faults
+from orchestrator.cli import main
+from orchestrator.pipeline import _pool_name
+
+TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
+EPOCHS = 2
+CONFIG = f"""
+name: faults
+vocab_size: 512
+data: {{source: synth, synth: {{train: 40, val: 4, test: 4}}}}
+levels: {{L: {TINY}, S: {TINY}}}
+direct: {{levels: [L], train: {{epochs: 1, batch_size: 8, log_every: 1}}}}
+ppod:
+  enabled: true
+  stages: [{{student: S, teachers: [{{level: L}}]}}]
+  train: {{epochs: {EPOCHS}, batch_size: 2, log_every: 1}}
+teachers: {{k: 8, num_cpus: 0.5, prefetch: 1}}
+resources: {{num_workers: 1, cpus_per_worker: 1}}
+"""
+STAGE = "S+PPOD"
+
+
+def _uri(run_dir: Path) -> str:
+    return f"sqlite:///{run_dir.parent}/mlflow.db"
+
+
+def _runs(run_dir: Path) -> dict[str, list]:
+    """MLflow runs of the run root, by run name (oldest first)."""
+    runs = mlflow.MlflowClient(_uri(run_dir)).search_runs(
+        [mlflow.MlflowClient(_uri(run_dir)).get_experiment_by_name("hkd4vlm").experiment_id], order_by=["start_time ASC"])
+    out = collections.defaultdict(list)
+    for r in runs:
+        out[r.info.run_name].append(r)
+    return out
+
+
+def _history(run_dir: Path, run, key: str) -> list:
+    return mlflow.MlflowClient(_uri(run_dir)).get_metric_history(run.info.run_id, key)
+
+
+def _in_background(fault, *args) -> threading.Thread:
+    thread = threading.Thread(target=fault, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps(run_dir: Path, metric: str = "loss") -> list[int]:
+    """Steps the running S+PPOD has logged (none before it started)."""
+    if not faults.stage_started(run_dir / "ray", STAGE):
+        return []
+    return faults.logged_steps(_uri(run_dir), STAGE, metric)
+
+
+def _between_checkpoints(run_dir: Path) -> bool:
+    """Attempt 1 has logged a step past its latest checkpoint, at least two steps before the next one (so a
+    kill now lands between checkpoints)."""
+    ckpts, steps = _steps(run_dir, "val/f1"), _steps(run_dir)
+    if not ckpts or not steps:
+        return False
+    steps_per_epoch, last = ckpts[0], ckpts[-1]
+    return last + 1 <= steps[-1] <= last + steps_per_epoch - 2
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "faults.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory) -> Path:
+    """The fault-free run; Ray stays up for the in-process fault tests of this module."""
+    run_dir = tmp_path_factory.mktemp("ref") / "faults"
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    yield run_dir
+    ray.shutdown()
+
+
+def _copy_first_stage(reference: Path, run_dir: Path) -> None:
+    """A run dir whose L-direct is finished (data, models, stage file), as after an interrupted run."""
+    for part in ("data", "models/init", "models/L", "stages/L-direct.json"):
+        src, dst = reference / part, run_dir / part
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+
+def _assert_same_result(run_dir: Path, reference: Path) -> None:
+    """Teacher outputs are deterministic and training resumes exactly: the student ends where the
+    fault-free one did."""
+    got = json.loads((run_dir / "stages" / f"{STAGE}.json").read_text())
+    want = json.loads((reference / "stages" / f"{STAGE}.json").read_text())
+    assert got["val"]["steps"] == want["val"]["steps"]
+    for key in ("hallucination/auroc", "factuality/auroc", "hallucination/f1", "factuality/f1"):
+        assert got["test"][key] == pytest.approx(want["test"][key], abs=1e-6), key
+    last = [max(_history(d, _runs(d)[STAGE][-1], "loss"), key=lambda m: (m.step, m.timestamp)).value
+            for d in (run_dir, reference)]
+    assert last[0] == pytest.approx(last[1], rel=1e-4, abs=1e-6)
+
+
+def test_teacher_killed_mid_stage_restarts_and_matches(config, reference, tmp_path):
+    run_dir = tmp_path / "faults"
+    _copy_first_stage(reference, run_dir)
+    killed = []
+
+    def kill_teacher_mid_stage():
+        _wait(lambda: len(_steps(run_dir)) >= 3, 1200, "S+PPOD steps")
+        killed.append(faults.kill_teacher(_pool_name(run_dir, "L-direct")))
+
+    thread = _in_background(kill_teacher_mid_stage)
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    thread.join(1)
+    assert killed, "the teacher was never killed"
+    stage_run = _runs(run_dir)[STAGE][-1]
+    assert stage_run.info.status == "FINISHED"
+    assert stage_run.data.metrics["teacher_restarts_L-direct"] == 1
+    # The in-flight requests were retried by Ray, not recovered by restarting the train worker.
+    assert _history(run_dir, stage_run, "resumed_from_step") == []
+    _assert_same_result(run_dir, reference)
+
+
+def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp_path):
+    run_dir = tmp_path / "faults"
+    _copy_first_stage(reference, run_dir)
+    uri, seen = _uri(run_dir), {}
+
+    def kill_worker_between_checkpoints():
+        _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints")
+        seen["ckpt"] = faults.last_checkpoint_step(uri, STAGE)
+        seen["last"] = faults.logged_steps(uri, STAGE)[-1]
+        seen["pid"] = faults.kill_train_worker()
+
+    thread = _in_background(kill_worker_between_checkpoints)
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    thread.join(1)
+    assert seen.get("pid"), "no train worker was killed"
+    stage_run = _runs(run_dir)[STAGE][-1]
+    assert [m.value for m in _history(run_dir, stage_run, "resumed_from_step")] == [seen["ckpt"]]
+    counts = collections.Counter(m.step for m in _history(run_dir, stage_run, "loss"))
+    total = json.loads((run_dir / "stages" / f"{STAGE}.json").read_text())["val"]["steps"]
+    assert set(counts) == set(range(1, total + 1))
+    assert all(counts[s] == 1 for s in range(1, seen["ckpt"] + 1)), "a step before the checkpoint was redone"
+    assert all(counts[s] == 2 for s in range(seen["ckpt"] + 1, seen["last"] + 1)), "steps after it not redone"
+    _assert_same_result(run_dir, reference)
+
+
+def _hkd_run(config: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "run", str(config), "--run-dir", str(run_dir)]
+
+
+def _own_env() -> dict[str, str]:
+    """This test's Ray must not be joined by the subprocess's."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
+    run_dir = tmp_path / "faults"
+    _copy_first_stage(reference, run_dir)
+    uri, log = _uri(run_dir), tmp_path / "attempt1.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(_hkd_run(config, run_dir), env=_own_env(), start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 1200, "a step between checkpoints")
+        assert driver.poll() is None, f"the driver ended before the kill:\n{log.read_text()[-3000:]}"
+        ckpt = faults.last_checkpoint_step(uri, STAGE)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the rest of its session: its local Ray
+        except ProcessLookupError:
+            pass
+    finished = {p: (run_dir / p).read_bytes() for p in ("stages/L-direct.json", "models/L/model.safetensors")}
+
+    again = subprocess.run(_hkd_run(config, run_dir), env=_own_env(), capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[L-direct] already finished: skipped" in again.stdout
+    assert all((run_dir / p).read_bytes() == data for p, data in finished.items())
+    runs = _runs(run_dir)
+    assert [r.info.status for r in runs["faults"]] == ["KILLED", "FINISHED"]
+    assert [r.info.status for r in runs[STAGE]] == ["KILLED", "FINISHED"]
+    resumed = runs[STAGE][1]
+    assert [m.value for m in _history(run_dir, resumed, "resumed_from_step")] == [ckpt]
+    assert min(m.step for m in _history(run_dir, resumed, "loss")) == ckpt + 1
+    _assert_same_result(run_dir, reference)
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A directory whose filesystem the test can fill: a 16 MiB tmpfs (needs root with mount rights)."""
+    path = tmp_path / "fs"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN); save_model_dir's own test covers the rest")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _fill(path: Path) -> None:
+    with open(path / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_storage_full_mid_stage_fails_clearly(config, reference, tmp_path, small_fs, capsys):
+    """The models dir's filesystem fills while S+PPOD trains: its model cannot be saved. The run stops with
+    one clear line and exit code 1, leaves no S+PPOD model dir or stage file, and L's model is intact."""
+    run_dir = tmp_path / "faults"
+    _copy_first_stage(reference, run_dir)
+    shutil.copytree(run_dir / "models", small_fs, dirs_exist_ok=True)
+    shutil.rmtree(run_dir / "models")
+    (run_dir / "models").symlink_to(small_fs)
+
+    def fill_once_training():
+        _wait(lambda: _steps(run_dir), 1200, "training")
+        _fill(small_fs)
+
+    thread = _in_background(fill_once_training)
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 1
+    thread.join(1)
+    err = capsys.readouterr().err
+    assert f"stage {STAGE} failed" in err and "No space left on device" in err and "Traceback" not in err
+    assert not (run_dir / "stages" / f"{STAGE}.json").exists()
+    assert sorted(p.name for p in small_fs.iterdir()) == ["L", "filler", "init"]
+    assert (small_fs / "L" / "model.safetensors").read_bytes() == (reference / "models/L/model.safetensors").read_bytes()
+    assert [r.info.status for r in _runs(run_dir)["faults"]] == ["FAILED"]

@@ -1,0 +1,94 @@
+"""`hkd run` refuses bad input before any work: exit code 2, a message naming the key path or FILE:LINE, and
+nothing written that looks finished (no stage results, no trained model dirs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import pytest
+
+from orchestrator.cli import main
+from tests.conftest import TINY
+from workers import synth
+from workers.models import build_level, build_tokenizer
+
+SHAPE = ("{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, "
+         "vision_heads: 2}")
+
+
+def _config(tmp_path, extra: str = "", levels: str = f"{{S: {SHAPE}}}", data: str = "", direct: str = "S") -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""
+name: refusals
+vocab_size: 512
+data: {data or '{source: synth, synth: {train: 4, val: 2, test: 2}}'}
+levels: {levels}
+direct: {{levels: [{direct}], train: {{epochs: 1, batch_size: 4}}}}
+resources: {{num_workers: 1, cpus_per_worker: 1}}
+{extra}
+""")
+    return str(path)
+
+
+def _refused(tmp_path, capsys, config: str, *args: str) -> str:
+    run_dir = tmp_path / "runs" / "r"
+    assert main(["run", config, "--run-dir", str(run_dir), *args]) == 2
+    assert not (run_dir / "stages").exists() and not list(run_dir.glob("models/*/model.safetensors"))
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("direct.train.lr=-1", "'direct.train.lr': Input should be greater than 0"),
+    ("teachers.k=ten", "'teachers.k': Input should be a valid integer"),
+    ("levels.S.hiden=64", "unknown key 'levels.S.hiden' (did you mean 'hidden'?)"),
+])
+def test_bad_config_value_refused_with_key_path(tmp_path, capsys, override, message):
+    err = _refused(tmp_path, capsys, _config(tmp_path), "--set", override)
+    assert message in err and not (tmp_path / "runs").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_refused_before_training(tmp_path, capsys):
+    uri = f"http://user:hunter2@127.0.0.1:{_closed_port()}"
+    start = time.time()
+    err = _refused(tmp_path, capsys, _config(tmp_path, f"tracking: {{uri: '{uri}'}}"))
+    assert time.time() - start < 60, "a dead tracking server must be refused quickly"
+    assert "tracking.uri: MLflow tracking store http://***@127.0.0.1" in err and "hunter2" not in err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_bad_data_line_refused_with_file_line(tmp_path, capsys, bench_dir):
+    train = tmp_path / "train.jsonl"
+    lines = (bench_dir / "factuality" / "train.jsonl").read_text().splitlines()
+    for image in {json.loads(line)["image"] for line in lines}:
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bench_dir / "factuality" / image, tmp_path / image)
+    train.write_text("\n".join(lines[:2] + ['{"id": "x", "task": "factuality"}']) + "\n")
+    data = f"{{source: files, files: {{train: ['{train}'], test: ['{train}']}}}}"
+    err = _refused(tmp_path, capsys, _config(tmp_path, data=data))
+    assert f"{train}:3: missing field" in err
+
+
+def test_incomplete_level_model_dir_refused(tmp_path, capsys, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    err = _refused(tmp_path, capsys, _config(tmp_path, levels=f"{{S: {{path: '{broken}'}}}}"))
+    assert f"levels.S.path: {broken}: not a complete model dir (model.safetensors missing)" in err
+
+
+def test_tokenizer_mismatch_refused_before_training(tmp_path, capsys, tiny_model_dir):
+    other = build_level(tmp_path / "other", TINY, build_tokenizer(synth.sample_texts(20, seed=3), vocab_size=600),
+                        image_size=112)
+    extra = "ppod: {enabled: true, stages: [{student: S, teachers: [{level: L}]}]}"
+    levels = f"{{L: {{path: '{tiny_model_dir}'}}, S: {{path: '{other}'}}}}"
+    err = _refused(tmp_path, capsys, _config(tmp_path, extra, levels=levels, direct="L"))
+    assert "levels.L / levels.S: tokenizer mismatch" in err
