@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from workers.calibration import sigmoid  # noqa: E402
 
@@ -33,7 +34,11 @@ def training_curves(rows: dict[str, dict], uri: str, path: Path) -> Path:
     client = MlflowClient(uri)
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
     for ax, (name, row) in zip(axes[0], rows.items()):
-        keys = sorted(client.get_run(row["mlflow_run_id"]).data.metrics)
+        try:
+            keys = sorted(client.get_run(row["mlflow_run_id"]).data.metrics)
+        except MlflowException:  # the stage was recorded in another tracking store (URI changed since)
+            ax.set(title=f"{name}\n(no history in this store)")
+            continue
         for key in [k for k in keys if k.startswith("loss")]:
             steps, values = _history(client, row["mlflow_run_id"], key)
             ax.plot(steps, values, label=key, lw=1)

@@ -39,3 +39,10 @@ def tokenizer(records):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return build_level(tmp_path_factory.mktemp("models") / "tiny", TINY, tokenizer, image_size=112)
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_store(monkeypatch):
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which `hkd run` honours: no test may inherit
+    another test's tracking store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
