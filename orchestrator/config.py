@@ -96,19 +96,24 @@ class LoraSettings(Strict):
                                       min_length=1)
 
 
-class TrainConfig(Strict):
-    epochs: float = Field(3, gt=0)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+class StepSettings(Strict):
+    """Optimizer and logging settings every training stage shares."""
+
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
+
+
+class TrainConfig(StepSettings):
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: LoraSettings | None = None
 
 
-class PretrainConfig(Strict):
+class PretrainConfig(StepSettings):
     """Grounding pre-training of the tiny levels built from config (a `path` level is pretrained already):
     next-token loss on dense descriptions of fresh generated scenes, before any task tuning."""
 
@@ -116,10 +121,6 @@ class PretrainConfig(Strict):
     steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    log_every: int = Field(10, ge=1)
 
 
 class DirectConfig(Strict):
