@@ -56,13 +56,14 @@ def pretrain(model: torch.nn.Module, processor, spec: synth.SynthSpec, steps: in
 
 
 def curve(model_dir: Path, train: dict, val: dict, steps: int, batch_size: int, lr: float, eval_every: int,
-          device: str, seed: int, spec: synth.SynthSpec, pretrain_steps: int = 0) -> list[dict]:
+          device: str, seed: int, spec: synth.SynthSpec, pretrain_steps: int = 0,
+          pretrain_lr: float = 1e-3) -> list[dict]:
     """Train one level from its init dir (after grounding pre-training, if asked); validation metrics
     every `eval_every` steps."""
     torch.manual_seed(seed)
     model, processor = load_model_dir(model_dir, device=device)
     if pretrain_steps:
-        pretrain(model, processor, spec, pretrain_steps, batch_size, lr, device, seed)
+        pretrain(model, processor, spec, pretrain_steps, batch_size, pretrain_lr, device, seed)
     label_ids = label_word_ids(processor.tokenizer)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     n = len(train["uid"])
@@ -104,10 +105,13 @@ def main() -> None:
     p.add_argument("--lr", type=str, default="S=2e-3,M=1e-3,L=5e-4")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=300)
     p.add_argument("--spec", default="{}", help="SynthSpec fields as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=int, default=0, help="grounding pre-training steps first")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--tasks", default=",".join(synth.TASKS), help="train and score only these tasks")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -116,8 +120,8 @@ def main() -> None:
     spec = synth.SynthSpec(**{k: tuple(map(tuple, v)) if isinstance(v, list) and v and isinstance(v[0], list)
                               else tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.spec).items()})
     work = Path(tempfile.mkdtemp(prefix="learn-"))
-    synth.generate(work / "data", seed=args.seed, n_train=args.train, n_val=300, n_test=1, spec=spec)
-    records = {s: [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / f"{s}.jsonl")] for s in ("train", "val")}
+    synth.generate(work / "data", seed=args.seed, n_train=args.train, n_val=args.val, n_test=1, spec=spec)
+    records = {s: [r for t in args.tasks.split(",") for r in load_jsonl(work / "data" / t / f"{s}.jsonl")] for s in ("train", "val")}
     units = {s: expand_units(r) for s, r in records.items()}
     tokenizer = build_tokenizer([u["text"] for u in units["train"]] + synth.sample_texts(500))
     summary = {"device": args.device, "spec": json.loads(args.spec), "levels": {}}
@@ -130,7 +134,7 @@ def main() -> None:
         print(f"== {level}: {len(units['train'])} train units, lr {lrs[level]}", flush=True)
         summary["levels"][level] = curve(model_dir, enc["train"], enc["val"], args.steps, args.batch,
                                          float(lrs[level]), args.eval_every, args.device, args.seed, spec,
-                                         args.pretrain_steps)
+                                         args.pretrain_steps, args.pretrain_lr)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "learnability.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
