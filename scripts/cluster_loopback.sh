@@ -67,6 +67,11 @@ log "ray up"
 ray up -y --no-config-cache configs/cluster/local.yaml
 trap 'log "ray down"; ray down -y configs/cluster/local.yaml || true; cleanup' EXIT
 ray status --address 127.0.0.1:6379
+# The dashboard (the job server) comes up a few seconds after `ray start` returns; any HTTP answer (401
+# without the token) means it listens.
+dashboard_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8265/api/version)" != 000 ]; }
+for _ in $(seq 120); do dashboard_up && break; sleep 1; done
+dashboard_up || { log "dashboard not up after 120 s"; tail -30 /tmp/ray/session_latest/logs/dashboard.log >&2; exit 1; }
 
 TINY="{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 log "ray job submit"
