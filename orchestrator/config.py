@@ -172,14 +172,18 @@ class TCRDConfig(Strict):
 
 
 class TeacherResources(Strict):
-    """Teacher actors: replicas per teacher, each with this CPU/GPU share; top-k on the wire; prefetch depth."""
+    """Teacher actors: replicas per teacher, each with this CPU/GPU share; top-k on the wire; prefetch depth.
+
+    A replica whose process dies restarts up to `max_restarts` times (-1: without limit); a call that fails
+    meanwhile is sent again up to `call_retries` times before the train worker gives up."""
 
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     k: int = Field(16, ge=1)
     prefetch: int = Field(2, ge=0)
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=-1)
+    call_retries: int = Field(5, ge=0)
 
 
 class Resources(Strict):

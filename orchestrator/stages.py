@@ -84,6 +84,7 @@ def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Reso
 def loss_config(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str) -> dict:
     """What the train loop's `StageLoss` needs: weights, temperatures, teacher pools by name, the cache."""
     loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
+            "call_retries": cfg.teachers.call_retries,
             "sharpness": plan.sharpness,
             "teachers": [{**t, "name": pool_names[t["stage"]], "replicas": cfg.teachers.replicas}
                          for t in plan.teachers]}

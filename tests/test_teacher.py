@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -16,7 +17,7 @@ from workers.losses import forward_kl, teacher_topk, topk_forward_kl
 from workers.models import build_level, build_tokenizer, label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
 from workers.teacher import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
-from workers.train_loop import answer_logits
+from workers.train_loop import _Request, answer_logits
 
 POOL = "t"
 
@@ -127,3 +128,37 @@ def test_tokenizer_mismatch_refused(ray_session, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         TeacherPool.start("mismatch", tiny_model_dir, student_dir=other)
     check_compatible(tiny_model_dir, tiny_model_dir)
+
+
+def _request_to(pool: TeacherPool, batch: dict, retries: int, resends: list) -> _Request:
+    """A teacher request for every row of `batch` (no cache), as the train loop makes it."""
+    n = len(batch["input_ids"])
+    send = functools.partial(pool.submit, to_numpy_inputs(batch), 4, 1.0)
+    return _Request(None, [str(i) for i in range(n)], [None] * n, list(range(n)), send, retries,
+                    lambda: resends.append(1))
+
+
+def test_call_to_a_replica_gone_for_good_is_resent_to_a_live_one(ray_session, tiny_model_dir, reference):
+    batch, logits, label_ids = reference
+    two = TeacherPool.start("resend", tiny_model_dir, replicas=2, num_cpus=0.5, threads=1, max_restarts=0)
+    try:
+        ray.get([h.info.remote() for h in two.handles])
+        ray.kill(two.handles[0], no_restart=True)  # the first call goes to replica 0
+        resends: list = []
+        out = from_wire(_request_to(two, batch, retries=3, resends=resends).result())
+        assert resends == [1]
+        torch.testing.assert_close(out["topk_logprobs"].float(), teacher_topk(logits, 4, 1.0)[0].float(),
+                                   atol=5e-3, rtol=0)
+        torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
+    finally:
+        two.shutdown()
+
+
+def test_call_fails_clearly_once_its_retries_are_spent(ray_session, tiny_model_dir, reference):
+    one = TeacherPool.start("gone", tiny_model_dir, replicas=1, num_cpus=0.5, threads=1, max_restarts=0)
+    ray.get(one.handles[0].info.remote())
+    ray.kill(one.handles[0], no_restart=True)
+    resends: list = []
+    with pytest.raises(RuntimeError, match=r"failed 2 times \(teachers.call_retries=1\)"):
+        _request_to(one, reference[0], retries=1, resends=resends).result()
+    assert resends == [1]

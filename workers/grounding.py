@@ -120,7 +120,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
         if step % every == 0 or step == total:
             metrics = held_out_metrics(model, held_out) if rank == 0 else {}
             logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
-            _report(model, processor, optimizer, step, metrics, rank)
+            _report(model, optimizer, step, metrics, rank)
     if rank == 0:
         save_model_dir(model, processor, cfg["out_dir"])
     logger.flush()

@@ -6,6 +6,7 @@ per-step metrics to the stage's MLflow run, evaluates on the validation split, a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -26,6 +27,7 @@ from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_mo
 from workers.prompts import collate, model_inputs
 
 STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "weights.safetensors"  # a checkpoint's weights, named as the model holds them in memory
 FLUSH_S = 1.0  # per-step metrics reach MLflow at least this often (live curves; little lost to a crash)
 
 
@@ -141,7 +143,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         metrics = _evaluate_rank0(model, processor, label_ids, tc["batch_size"]) if rank == 0 else {}
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
         logger.flush()  # every metric up to a checkpoint is in MLflow before the checkpoint exists
-        _report(model, processor, optimizer, step, metrics, rank)
+        _report(model, optimizer, step, metrics, rank)
     teacher_stats = _summed(stage_loss.stats(), world, device)
     logger.log(step, teacher_stats, every=1)
     if rank == 0:
@@ -201,7 +203,7 @@ class StageLoss:
         self.cfg, self.label_ids, self.device, self.vocab = cfg, label_ids, device, vocab
         self.teachers: list[dict] = cfg.get("teachers") or []
         self.caches: list = []
-        self.teacher_calls = self.teacher_units = 0
+        self.teacher_calls = self.teacher_units = self.teacher_resends = 0
 
     def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
         """Yield (batch, pending teacher requests) keeping `prefetch` batches in flight ahead."""
@@ -239,13 +241,16 @@ class StageLoss:
         keys = [unit_key(u, a) for u, a in zip(batch["uid"], batch["aug_key"])]
         found = cache.get(keys) if cache else [None] * len(keys)
         missing = [i for i, row in enumerate(found) if row is None]
-        ref = None
+        send = None
         if missing:
-            inputs = batch if len(missing) == len(keys) else select_rows(batch, missing)
-            ref = pool.submit(to_numpy_inputs(inputs), self.cfg["k"], temperature)
+            wire = to_numpy_inputs(batch if len(missing) == len(keys) else select_rows(batch, missing))
+            send = functools.partial(pool.submit, wire, self.cfg["k"], temperature)  # again on a teacher crash
             self.teacher_calls += 1
             self.teacher_units += len(missing)
-        return _Request(cache, keys, found, missing, ref)
+        return _Request(cache, keys, found, missing, send, self.cfg.get("call_retries", 5), self._count_resend)
+
+    def _count_resend(self) -> None:
+        self.teacher_resends += 1
 
     def wait(self, pending: list[_Request]) -> tuple[list[dict], float]:
         if not pending:
@@ -260,7 +265,8 @@ class StageLoss:
         """Teacher calls and rows actually computed, plus the caches' counters summed over teachers."""
         if not self.teachers:
             return {}
-        out = {"teacher/calls": float(self.teacher_calls), "teacher/units": float(self.teacher_units)}
+        out = {"teacher/calls": float(self.teacher_calls), "teacher/units": float(self.teacher_units),
+               "teacher/resends": float(self.teacher_resends)}
         for cache in self.caches:
             for key, value in cache.stats.as_metrics().items():
                 out[key] = out.get(key, 0.0) + value
@@ -287,22 +293,43 @@ class StageLoss:
 
 
 class _Request:
-    """One teacher's answer for one batch: rows found in the cache plus a teacher call for the misses."""
+    """One teacher's answer for one batch: rows found in the cache plus a teacher call for the misses.
 
-    def __init__(self, cache, keys: list[str], found: list, missing: list[int], ref):
-        self.cache, self.keys, self.found, self.missing, self.ref = cache, keys, found, missing, ref
+    Ray retries a call whose replica dies (`max_task_retries`), but a replica killed again while the call is
+    queued, or one that is restarting, can still fail it with a `RayActorError`. The call is then sent again,
+    to whichever replica is least busy, after a growing pause (1, 2, 4 … 30 s), up to `retries` times: teacher
+    crashes cost seconds inside the worker instead of a Ray Train worker failure (`max_failures`).
+    """
+
+    def __init__(self, cache, keys: list[str], found: list, missing: list[int], send, retries: int, on_resend):
+        self.cache, self.keys, self.found, self.missing = cache, keys, found, missing
+        self.send, self.retries, self.on_resend = send, retries, on_resend
+        self.ref = send() if send is not None else None
 
     def result(self) -> dict[str, np.ndarray]:
-        import ray
-
         from workers.teacher_cache import merge
 
-        fresh = ray.get(self.ref) if self.ref is not None else None
+        fresh = self._fetch() if self.ref is not None else None
         if self.cache is None:
             return fresh
         if fresh is not None:
             self.cache.put([self.keys[i] for i in self.missing], fresh)
         return merge(self.found, fresh)
+
+    def _fetch(self) -> dict[str, np.ndarray]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in itertools.count():
+            try:
+                return ray.get(self.ref)
+            except RayActorError as err:
+                if attempt >= self.retries:
+                    raise RuntimeError(f"teacher call failed {attempt + 1} times (teachers.call_retries="
+                                       f"{self.retries}); its replicas are gone: {err}") from err
+                time.sleep(min(2.0 ** attempt, 30.0))
+                self.ref = self.send()
+                self.on_resend()
 
 
 def _evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
@@ -318,8 +345,8 @@ def _evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: 
     return task_metrics(predict(model, batches, label_ids), np.concatenate(tasks))
 
 
-def _report(model: torch.nn.Module, processor: HKDProcessor, optimizer: torch.optim.Optimizer, step: int,
-            metrics: dict, rank: int) -> None:
+def _report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, metrics: dict,
+            rank: int) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches a checkpoint of weights + optimizer state."""
     import ray.train
 
@@ -328,32 +355,44 @@ def _report(model: torch.nn.Module, processor: HKDProcessor, optimizer: torch.op
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "ckpt"
-        if is_lora(model):  # the base weights never change: the adapter is all a resume needs
-            model.save_pretrained(ckpt / ADAPTER_DIR)
-        else:
-            save_model_dir(model, processor, ckpt)
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, ckpt / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
+        save_train_state(model, optimizer, step, Path(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore weights, optimizer and step from the latest Ray Train checkpoint, if any."""
     import ray.train
-    from safetensors.torch import load_file
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
     with ckpt.as_directory() as d:
-        if is_lora(model):
-            load_adapter_weights(model, Path(d) / ADAPTER_DIR)
-        else:
-            state = {}
-            for shard in sorted(Path(d).glob("*.safetensors")):
-                state.update(load_file(str(shard)))
-            model.load_state_dict(state, strict=False)
-        saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        return load_train_state(model, optimizer, Path(d))
+
+
+def save_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, ckpt: Path) -> None:
+    """What a resumed attempt needs: the trainable weights under their in-memory names (a LoRA stage: only the
+    adapter, the base never changes), the optimizer state and the step."""
+    from safetensors.torch import save_model
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if is_lora(model):
+        model.save_pretrained(ckpt / ADAPTER_DIR)
+    else:
+        save_model(model, str(ckpt / WEIGHTS_FILE))
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, ckpt / STATE_FILE)
+
+
+def load_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> int:
+    """Inverse of `save_train_state`; every weight must match by name and shape (strict), so a checkpoint
+    from another model fails loudly instead of resuming from the initial weights. Returns the step."""
+    from safetensors.torch import load_model
+
+    if is_lora(model):
+        load_adapter_weights(model, ckpt / ADAPTER_DIR)
+    else:
+        load_model(model, str(ckpt / WEIGHTS_FILE), strict=True)
+    saved = torch.load(ckpt / STATE_FILE, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     return int(saved["step"])
 

@@ -1,0 +1,67 @@
+"""A resumed attempt continues exactly where the checkpoint left off: weights, optimizer state and step.
+
+(The first version saved checkpoints as a Hugging Face model dir and loaded them with `strict=False`; the
+saved names differ from the in-memory ones in transformers 5, so a resume silently restarted from the
+initial weights. The fault test's "equals a fault-free run" caught it; these tests catch it in seconds.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator.config import LoraSettings
+from workers.lora import add_lora
+from workers.models import load_model_dir
+from workers.prompts import collate, encode_units, expand_units
+from workers.train_loop import answer_logits, load_train_state, save_train_state
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir, records):
+    model, processor = load_model_dir(tiny_model_dir)
+    return collate(encode_units(expand_units(records[:4]), processor), processor.tokenizer.pad_token_id,
+                   model.config.image_token_id)
+
+
+def _student(model_dir, lora: bool):
+    model, _ = load_model_dir(model_dir)
+    if lora:
+        model = add_lora(model, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]).model_dump())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer
+
+
+def _step(model, optimizer, batch) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    answer_logits(model.train(), batch).logsumexp(-1).mean().backward()
+    optimizer.step()
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tiny_model_dir, batch, tmp_path, lora):
+    model, optimizer = _student(tiny_model_dir, lora)
+    for _ in range(3):
+        _step(model, optimizer, batch)
+    save_train_state(model, optimizer, 3, tmp_path / "ckpt")
+    _step(model, optimizer, batch)  # the uninterrupted run's step 4
+
+    resumed, resumed_opt = _student(tiny_model_dir, lora)  # a new attempt: initial weights, fresh optimizer
+    assert load_train_state(resumed, resumed_opt, tmp_path / "ckpt") == 3
+    _step(resumed, resumed_opt, batch)
+    want, got = _trainable(model), _trainable(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_model_dir, batch, tmp_path):
+    model, optimizer = _student(tiny_model_dir, lora=False)
+    save_train_state(model, optimizer, 1, tmp_path / "ckpt")
+    bigger = torch.nn.Linear(3, 3)
+    with pytest.raises(RuntimeError):
+        load_train_state(bigger, torch.optim.AdamW(bigger.parameters()), tmp_path / "ckpt")
