@@ -23,7 +23,8 @@ from workers.data import load_jsonl
 from workers.losses import cross_entropy
 from workers.models import LevelShape, build_level, build_tokenizer, label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, lr_at, predict, target_token_ids, task_metrics, to_device
+from workers.inference import answer_logits, predict, target_token_ids, task_metrics, to_device
+from workers.optim import lr_at
 
 SHAPES = {
     "L": LevelShape(512, 8, 8, 4, 1408, 384, 4, 6),

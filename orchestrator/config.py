@@ -138,6 +138,15 @@ class TeacherRef(Strict):
     weight: float = Field(1.0, ge=0)
 
 
+class KDSettings(Strict):
+    """The divergence of a distillation stage's KD terms, over the teachers' top-k + tail buckets
+    (`workers.objectives.kd_divergence`): forward KL (mean-seeking, the default), reverse KL (mode-seeking) or
+    the generalised JSD with mixture weight `beta` (0: forward KL, 1: reverse KL), as in TRL's GKD."""
+
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD's mixture weight (kd_loss: jsd)")
+
+
 class PPODStage(Strict):
     """Distil one pyramid level from the trained level(s) above it."""
 
@@ -145,7 +154,7 @@ class PPODStage(Strict):
     teachers: list[TeacherRef] = Field(min_length=1)
 
 
-class PPODConfig(Strict):
+class PPODConfig(KDSettings):
     """Pyramid-like progressive online distillation: coarse alignment at a high temperature, level by level."""
 
     enabled: bool = True
@@ -155,7 +164,7 @@ class PPODConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class TCRDConfig(Strict):
+class TCRDConfig(KDSettings):
     """Ternary-coupled refinement: ground truth + top teacher + assistant, each KD coupled, low temperature."""
 
     enabled: bool = True

@@ -19,7 +19,8 @@ from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
 from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fingerprints, fit_grounding, fit_stage,
-                                 loss_config, mark_done, plan_stages, stage_done, stage_tracking)
+                                 loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
+                                 stage_tracking, train_datasets)
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
@@ -185,13 +186,13 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
                                     run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
-                loss = loss_config(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
-                                   cache_root(cfg, run_dir))
-                log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
-                val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement,
-                                epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir),
-                                trust_remote_code=remote_code)
+                loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
+                                  cache_root(cfg, run_dir))
+                log_params(flatten({"stage": plan.train.model_dump(), "loss": loss_params(loss)}))
+                sets = train_datasets(encoded["train"], augmented_epochs(cfg, plan.train, splits["train"], init_dir))
+                job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded["train"].count(),
+                                stage_tracking(uri), progress)
+                val = fit_stage(plan.name, job, sets, encoded["val"], cfg.resources, run_dir / "ray", cfg.placement)
                 mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
                                     for t in plan.teachers})
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,

@@ -64,11 +64,11 @@ def _plan(kind: str):
 
 def stage_loss_for(cfg, plan, label_ids, vocab):
     """The worker's stage loss as a run builds it (the only part of this file that follows the API)."""
-    from orchestrator.stages import loss_config
-    from workers.train_loop import StageLoss
+    from orchestrator.stages import stage_loss
+    from workers.objectives import StageObjective
 
     names = {t["stage"]: f"pool-{t['stage']}" for t in plan.teachers}
-    return StageLoss(loss_config(cfg, plan, names, "/nonexistent/cache"), label_ids, vocab=vocab)
+    return StageObjective(stage_loss(cfg, plan, names, "/nonexistent/cache"), label_ids, vocab=vocab)
 
 
 def _stage_values(kind: str) -> dict:

@@ -14,7 +14,8 @@ from orchestrator.config import LoraSettings
 from workers.lora import add_lora
 from workers.models import load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, load_train_state, save_train_state
+from workers.checkpoints import load_train_state, save_train_state
+from workers.inference import answer_logits
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from workers.calibration import flip_text, load_shift, sigmoid
 from workers.metrics import binary_metrics
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, task_metrics
+from workers.inference import answer_logits, task_metrics
 
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,
