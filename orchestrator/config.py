@@ -6,14 +6,16 @@ overrides go through the same validation as the file.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from workers.augment import AugmentConfig
+from workers.models import LevelShape
 
 
 class ConfigError(ValueError):
@@ -58,32 +60,35 @@ class DataConfig(Strict):
         return self
 
 
-class LevelConfig(Strict):
-    """A pyramid level: a tiny shape built offline, or `path` to any HF Qwen2.5-VL dir (or hub name)."""
+def fields_of(dc: type) -> dict[str, Any]:
+    """A worker dataclass's fields as pydantic field definitions (`create_model`): type, default, and the
+    bounds and description its field metadata carries. The dataclass stays the one source of both."""
+    hints = get_type_hints(dc)
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("doc"), **f.metadata.get("bounds", {})))
+            for f in dataclasses.fields(dc)}
+
+
+class _LevelPlace(Strict):
+    """A pyramid level: a tiny shape built offline (`workers.models.LevelShape`'s fields, defaults and bounds),
+    or `path` to any HF Qwen2.5-VL dir (or hub name)."""
 
     path: str | None = None
     trust_remote_code: bool = Field(False, description="let this level's model dir run its own Python code")
-    hidden: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
-    kv_heads: int = Field(1, ge=1)
-    intermediate: int = Field(352, ge=8)
-    vision_hidden: int = Field(96, ge=8)
-    vision_depth: int = Field(1, ge=1)
-    vision_heads: int = Field(2, ge=1)
-    init_std: float | None = Field(None, gt=0, description="weight init std; default 1/sqrt(hidden)")
     teacher_gpus: float | None = Field(None, ge=0, description="GPU share per teacher replica of this level; "
                                                                "default teachers.num_gpus")
 
     def shape_fields(self) -> dict[str, Any]:
         """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
-        return self.model_dump(exclude={"path", "teacher_gpus", "trust_remote_code"})
+        return self.model_dump(include={f.name for f in dataclasses.fields(LevelShape)})
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden must divide by heads, heads by kv_heads, vision_hidden by vision_heads")
         return self
+
+
+LevelConfig = create_model("LevelConfig", __base__=_LevelPlace, __doc__=_LevelPlace.__doc__, **fields_of(LevelShape))
 
 
 class LoraSettings(Strict):
@@ -226,23 +231,18 @@ class Placement(Strict):
         return self
 
 
-class AugmentSection(Strict):
+class _AugmentSwitch(Strict):
     """Label-preserving augmentation of the training records (`workers/augment.py`), fresh each epoch and
-    deterministic per (record id, epoch, seed). Off by default; the fields mirror `AugmentConfig`."""
+    deterministic per (record id, epoch, seed). Off by default; the other fields are `AugmentConfig`'s."""
 
     enabled: bool = False
-    crop: bool = True
-    crop_scale: float = Field(0.15, ge=0, lt=1)
-    flip: bool = True
-    flip_p: float = Field(0.5, ge=0, le=1)
-    jitter: bool = True
-    brightness: float = Field(0.2, ge=0, lt=1)
-    contrast: float = Field(0.2, ge=0, lt=1)
-    shuffle_options: bool = True
-    paraphrase: bool = True
 
     def transforms(self) -> AugmentConfig:
         return AugmentConfig(**self.model_dump(exclude={"enabled"}))
+
+
+AugmentSection = create_model("AugmentSection", __base__=_AugmentSwitch, __doc__=_AugmentSwitch.__doc__,
+                              **fields_of(AugmentConfig))
 
 
 class CacheConfig(Strict):

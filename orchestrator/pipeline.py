@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import ray
 import ray.data
 
@@ -24,9 +23,8 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, finger
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
-from workers.calibration import calibrate, store_shift
 from workers.data import load_jsonl
-from workers.evaluate import score_records, shifted
+from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
@@ -212,7 +210,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
 def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> dict:
     """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
     scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
-    shift = calibrate_model(out_dir, splits["val"], remote_code)
+    shift = calibrate_model(out_dir, splits["val"], threads=os.cpu_count(), trust_remote_code=remote_code)
     with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
     model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
     mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
@@ -238,19 +236,6 @@ def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: 
                                                  resources=cfg.placement.teacher,
                                                  trust_remote_code=cfg.levels[t["level"]].trust_remote_code)
     return names
-
-
-def calibrate_model(model_dir: Path, val_records: list[dict], trust_remote_code: bool = False) -> dict:
-    """Mapping shift: per-task offset on the label-word margin that maximises validation macro-F1,
-    stored in the model dir (used by `hkd evaluate` and `hkd predict`)."""
-    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={},
-                           trust_remote_code=trust_remote_code)
-    tasks = np.array([u["task"] for u in scored["units"]])
-    targets = np.array([u["target"] for u in scored["units"]])
-    per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in sorted(set(tasks))}
-    offsets = {task: c["offset"] for task, c in per_task.items()}
-    store_shift(model_dir, offsets)
-    return {"offsets": offsets, "val": per_task}
 
 
 def model_dir(run_dir: Path, stage: str) -> Path:
