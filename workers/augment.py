@@ -29,7 +29,8 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,12 +51,12 @@ class AugmentConfig:
     """Which transforms run and how strong they are; part of every aug_key."""
 
     crop: bool = True
-    crop_scale: float = field(default=0.15, metadata={"bounds": {"ge": 0, "lt": 1}})  # side from [1 - s, 1]
+    crop_scale: float = dataclasses.field(default=0.15, metadata={"bounds": {"ge": 0, "lt": 1}})  # side from [1 - s, 1]
     flip: bool = True
-    flip_p: float = field(default=0.5, metadata={"bounds": {"ge": 0, "le": 1}})
+    flip_p: float = dataclasses.field(default=0.5, metadata={"bounds": {"ge": 0, "le": 1}})
     jitter: bool = True
-    brightness: float = field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})  # factor from [1 - b, 1 + b]
-    contrast: float = field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})
+    brightness: float = dataclasses.field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})  # factor from [1 - b, 1 + b]
+    contrast: float = dataclasses.field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})
     shuffle_options: bool = True
     paraphrase: bool = True
 
