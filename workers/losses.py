@@ -70,25 +70,15 @@ def _tempered(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     return log_p, _log_probs(student_logits, temperature)
 
 
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, reduction: str = "mean",
+               weights: Tensor | None = None) -> Tensor:
     """Forward (mean-seeking) KL: ``T^2 * KL(p_T || q_S)`` per row."""
     log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_p, log_q) * temperature**2, weights, reduction)
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, reduction: str = "mean",
+               weights: Tensor | None = None) -> Tensor:
     """Reverse (mode-seeking) KL: ``T^2 * KL(q_S || p_T)`` per row."""
     log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_q, log_p) * temperature**2, weights, reduction)
@@ -209,15 +199,8 @@ def topk_forward_kl(
     return _reduce(_kl(log_p_buckets, log_q_buckets) * temperature**2, weights, reduction)
 
 
-def topk_reverse_kl(
-    student_logits: Tensor,
-    topk_logprobs: Tensor,
-    topk_ids: Tensor,
-    tail_logprob: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def topk_reverse_kl(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logprob: Tensor,
+                    temperature: float = 1.0, reduction: str = "mean", weights: Tensor | None = None) -> Tensor:
     """Reverse (mode-seeking) KL over the ``k + 1`` buckets of ``topk_forward_kl``: ``T^2 KL(q || p)``.
     Equals ``reverse_kl`` when ``k == V``."""
     log_p, log_q = _drop_empty_tail(*_topk_buckets(student_logits, topk_logprobs, topk_ids, tail_logprob,
@@ -225,16 +208,8 @@ def topk_reverse_kl(
     return _reduce(_kl(log_q, log_p) * temperature**2, weights, reduction)
 
 
-def topk_jsd(
-    student_logits: Tensor,
-    topk_logprobs: Tensor,
-    topk_ids: Tensor,
-    tail_logprob: Tensor,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def topk_jsd(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logprob: Tensor, beta: float = 0.5,
+             temperature: float = 1.0, reduction: str = "mean", weights: Tensor | None = None) -> Tensor:
     """``jsd`` (same scaling and endpoints: beta=0 forward KL, beta=1 reverse KL) over the ``k + 1`` buckets of
     ``topk_forward_kl``. Equals ``jsd`` when ``k == V``."""
     if not 0.0 <= beta <= 1.0:
