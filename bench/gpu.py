@@ -508,8 +508,7 @@ def part_e2e(ctx: Ctx) -> dict:
     import ray
 
     from orchestrator.config import Resources, RunConfig, TrainConfig
-    from orchestrator.pipeline import encode_split
-    from orchestrator.stages import StagePlan, fit_stage, stage_job, train_datasets
+    from orchestrator.stages import StagePlan, encode_split, fit_stage, stage_job, train_datasets
 
     a = ctx.args
     ensure_pool(ctx)

@@ -2,7 +2,7 @@
 
 Runs the same distillation steps (student in this process, one thread; teacher in a Ray actor, one thread —
 separate CPU shares) with prefetch depth 0 and with depth 1 and 2, through the training loop's own
-`StageLoss`, and prints step time / max(teacher time, student time) for each: 1.0 is perfect overlap,
+`TeacherRequests` + `StageObjective`, and prints step time / max(teacher time, student time) for each: 1.0 is perfect overlap,
 (teacher + student) / max(...) is none.
 
     python bench/overlap.py [--steps 30] [--batch 16]

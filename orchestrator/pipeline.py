@@ -17,7 +17,8 @@ from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
-from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fingerprints, fit_grounding, fit_stage,
+from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode_split, fingerprints, fit_grounding,
+                                 fit_stage,
                                  loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
                                  stage_tracking, train_datasets)
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
@@ -28,7 +29,7 @@ from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
-from workers.prompts import encode_units, expand_units
+from workers.prompts import expand_units
 from workers.teacher import TeacherPool, check_compatible
 
 
@@ -148,17 +149,6 @@ def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None
 def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     texts = [u["text"] for u in expand_units(records)]
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
-
-
-def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
-    """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
-    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
-    units = expand_units(records)
-    ds = ray.data.from_items(units).map_batches(
-        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
-    )
-    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
-    return ds.materialize()
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
@@ -25,6 +24,7 @@ from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
 from workers.epoch_data import epoch_datasets
 from workers.models import HKDProcessor
+from workers.prompts import encode_units, expand_units
 from workers.train_loop import train_loop_per_worker
 
 MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
@@ -125,6 +125,17 @@ def loss_params(loss: StageLossConfig) -> dict:
     return {**dataclasses.asdict(loss), "teachers": [dataclasses.asdict(t) for t in loss.teachers]}
 
 
+def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
+    """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
+    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
+    units = expand_units(records)
+    ds = ray.data.from_items(units).map_batches(
+        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
+    )
+    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
+    return ds.materialize()
+
+
 def cache_root(cfg: RunConfig, run_dir: Path) -> str:
     """Where teacher outputs are cached: `cache.path`, else beside the run's models (shared by its sweeps)."""
     return cfg.cache.path or str(run_dir / "teacher_cache")
@@ -181,6 +192,8 @@ def mark_done(stage_file: Path, result: dict) -> None:
 
 def stage_tracking(uri: str) -> dict:
     """Tracking coordinates handed to rank 0 of the active (nested) MLflow run."""
+    import mlflow  # here, not at import: the GPU bench drives stages on machines without MLflow
+
     return {"uri": uri, "run_id": mlflow.active_run().info.run_id}
 
 

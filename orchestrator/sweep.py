@@ -24,9 +24,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.orphans import OrphanReaper
-from orchestrator.pipeline import encode_split, load_splits, model_dir, start_teachers
+from orchestrator.pipeline import load_splits, model_dir, start_teachers
 from orchestrator.placement import init_ray
-from orchestrator.stages import (augmented_epochs, cache_root, fit_stage, loss_params, stage_job, stage_loss,
+from orchestrator.stages import (augmented_epochs, cache_root, encode_split, fit_stage, loss_params, stage_job, stage_loss,
                                  train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
