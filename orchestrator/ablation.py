@@ -15,7 +15,8 @@ from pathlib import Path
 from orchestrator.config import RunConfig, load_config
 from orchestrator.pipeline import model_dir, run
 from orchestrator.plots import table_bars
-from orchestrator.report import final_row, markdown_table, write_json
+from orchestrator import console
+from orchestrator.report import final_row, render_markdown, write_json
 from orchestrator.stages import fingerprints, plan_stages
 from orchestrator.tracking import tracking_uri
 
@@ -24,11 +25,11 @@ VARIANTS = (("no PPOD", "ppod", "ppod.enabled=false"), ("no TCRD", "tcrd", "tcrd
             ("no augmentation", "augment", "augment.enabled=false"))
 
 
-def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, log=print) -> dict:
+def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, log=console.say) -> dict:
     """Run the full method and its one-part-off variants; add the `ablation` table to the report."""
     cfg = load_config(config_path, overrides)
     run_dir = run_dir.resolve()
-    report = run(cfg, run_dir, log)
+    report = run(cfg, run_dir, log, config_path=str(config_path), overrides=overrides)
     last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
     rows = {"full method": final_row(report), "no shift": report["rows"][last]}
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)  # variants record into the full run's store
@@ -45,9 +46,8 @@ def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, l
         rows[name] = final_row(run(variant, variant_dir, log))
     report["ablation"] = rows
     write_json(run_dir, report)
-    (run_dir / "report.md").write_text(markdown_table(report) + "\n## Ablation\n\n"
-                                       + markdown_table({"rows": rows}))
     table_bars({"rows": rows}, run_dir / "plots" / "ablation_parts.png")
+    render_markdown(run_dir)
     return report
 
 

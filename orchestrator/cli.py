@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator import console
 from orchestrator.config import ConfigError, load_config
 from orchestrator.errors import StageError
 from workers.data import DataError
@@ -17,18 +18,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"hkd: error: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
     except (StageError, OSError) as err:  # a run that failed (storage, a stage out of retries): no traceback
-        print(f"hkd: error: {err}", file=sys.stderr)
+        _error(str(err))
         return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as err:  # anything else: its root cause here, the traceback in the log
+        if console.log_path() is None:
+            raise
+        _error(f"{type(err).__name__}: {root_cause(err)}")
+        return 1
+
+
+def _error(message: str) -> None:
+    """The failure's root cause on the console, and where the log with the rest is (when one was written)."""
+    console.say(f"hkd: error: {message}", err=True)
+    if console.log_path() is not None:
+        console.say(f"hkd: the full output (Ray, libraries, tracebacks) is in {console.log_path()}", err=True)
+
+
+def root_cause(err: BaseException) -> str:
+    """The last line of the innermost error (Ray wraps a worker's error in its own tracebacks)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hkd", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's and the libraries' output on the console (always in the log under logs/)")
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="also show Ray's and the libraries' output on the console (always in the log under logs/)")
     sub = p.add_subparsers(required=True)
 
-    r = sub.add_parser("run", help="run a pipeline config end to end")
+    r = sub.add_parser("run", help="run a pipeline config end to end", parents=[loud])
     r.add_argument("config")
     r.add_argument("--run-dir", help="default: runs/<config name>/")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -44,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--cluster", help="a cluster.yaml whose node types must hold the placement")
     pl.set_defaults(func=_plan)
 
-    sw = sub.add_parser("sweep", help="sweep one stage of a finished run with Ray Tune (see configs/sweep_tcrd.yaml)")
+    rp = sub.add_parser("report", help="print a finished run's report.md (rendered again from the run dir's files)")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_report)
+
+    sw = sub.add_parser("sweep", help="sweep one stage of a finished run with Ray Tune (see configs/sweep_tcrd.yaml)",
+                        parents=[loud])
     sw.add_argument("config", help="sweep YAML: base, from_run, stage, space, num_samples, ...")
     sw.set_defaults(func=_sweep)
 
@@ -61,20 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+")
     v.set_defaults(func=_validate)
 
-    e = sub.add_parser("evaluate", help="predict and score labelled JSONL files with a model dir")
+    e = sub.add_parser("evaluate", help="predict and score labelled JSONL files with a model dir", parents=[loud])
     e.add_argument("model_dir")
     e.add_argument("files", nargs="+")
     e.add_argument("--json", action="store_true", help="one JSON object per file and task")
     _inference_flags(e)
     e.set_defaults(func=_evaluate)
 
-    c = sub.add_parser("calibrate", help="fit the per-task mapping shift on labelled validation files")
+    c = sub.add_parser("calibrate", help="fit the per-task mapping shift on labelled validation files", parents=[loud])
     c.add_argument("model_dir")
     c.add_argument("files", nargs="+")
     c.add_argument("--tta", action="store_true", help="calibrate on flip-averaged margins (to use with --tta)")
     c.set_defaults(func=_calibrate)
 
-    pr = sub.add_parser("predict", help="write one prediction per record of a (possibly unlabelled) JSONL file")
+    pr = sub.add_parser("predict", help="write one prediction per record of a (possibly unlabelled) JSONL file",
+                        parents=[loud])
     pr.add_argument("model_dir")
     pr.add_argument("file")
     pr.add_argument("--out", required=True, help="predictions JSONL")
@@ -90,17 +125,39 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    from orchestrator.pipeline import run
-    from orchestrator.report import markdown_table
-
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    if args.ablation:
-        from orchestrator.ablation import run_ablation
+    with console.captured(run_dir / "logs", args.verbose):
+        from orchestrator.pipeline import run
+        from orchestrator.report import markdown_table
 
-        report = run_ablation(args.config, args.overrides, run_dir)
-        print(markdown_table(report) + "\nAblation:\n" + markdown_table({"rows": report["ablation"]}))
-    else:
-        print(markdown_table(run(cfg, run_dir)))
+        if args.ablation:
+            from orchestrator.ablation import run_ablation
+
+            report = run_ablation(args.config, args.overrides, run_dir, log=console.say)
+            console.say("\nAblation:\n" + markdown_table({"rows": report["ablation"]}))
+        else:
+            run(cfg, run_dir, config_path=args.config, overrides=args.overrides)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from orchestrator.report import render_markdown
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "report.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no report.json (not a finished run dir)")
+    print(render_markdown(run_dir))
+
+
+def _logs_beside(model_dir: str) -> Path:
+    """Where evaluate/calibrate/predict keep Ray's and the libraries' output: `<model dir>/logs`, else a temp dir."""
+    target = Path(model_dir) / "logs"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+    except OSError:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="hkd-logs-"))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -116,13 +173,16 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from orchestrator.sweep import run_sweep
     from orchestrator.sweep_config import load_sweep
 
-    summary = run_sweep(load_sweep(args.config))
-    for trial in summary["trials"]:
-        print(json.dumps(trial))
-    print(f"teacher forwards over the sweep: {summary['teacher_units']} units; {summary['wall_s']:.0f} s")
+    sweep = load_sweep(args.config)
+    with console.captured(Path(sweep.spec.from_run) / "sweeps" / sweep.spec.name / "logs", args.verbose):
+        from orchestrator.sweep import run_sweep
+
+        summary = run_sweep(sweep, log=console.say)
+        for trial in summary["trials"]:
+            console.say(json.dumps(trial))
+        console.say(f"teacher forwards over the sweep: {summary['teacher_units']} units; {summary['wall_s']:.0f} s")
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -144,16 +204,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     from workers.evaluate import score_records
 
     _check_model_dir(args.model_dir)
-    for path in args.files:
-        scored = score_records(args.model_dir, load_jsonl(path, require_labels=True),
-                               shift={} if args.no_shift else None, tta=args.tta)
-        for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
-            m = scored["metrics"]
-            row = {"file": path, "task": task, "n": sum(u["task"] == task for u in scored["units"]),
-                   **{k: m[f"{task}/{k}"] for k in ("f1", "accuracy", "auroc", "ece")}}
-            print(json.dumps(row) if args.json else
-                  f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "
-                  f"auroc={row['auroc']:.4f} ece={row['ece']:.4f}")
+    with console.captured(_logs_beside(args.model_dir), args.verbose):
+        for path in args.files:
+            scored = score_records(args.model_dir, load_jsonl(path, require_labels=True),
+                                   shift={} if args.no_shift else None, tta=args.tta)
+            for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
+                m = scored["metrics"]
+                row = {"file": path, "task": task, "n": sum(u["task"] == task for u in scored["units"]),
+                       **{k: m[f"{task}/{k}"] for k in ("f1", "accuracy", "auroc", "ece")}}
+                console.say(json.dumps(row) if args.json else
+                            f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "
+                            f"auroc={row['auroc']:.4f} ece={row['ece']:.4f}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -161,13 +222,14 @@ def _calibrate(args: argparse.Namespace) -> None:
     from workers.evaluate import calibrate_model
 
     _check_model_dir(args.model_dir)
-    records = [r for path in args.files for r in load_jsonl(path, require_labels=True)]
-    shift = calibrate_model(args.model_dir, records, tta=args.tta)
-    print(f"{'task':<14} {'n':>6} {'offset':>9} {'f1 before':>10} {'f1 after':>9} {'ece before':>11} {'ece after':>10}")
-    for t, r in shift["val"].items():
-        print(f"{t:<14} {shift['n'][t]:>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
-              f"{r['f1_after']:>9.4f} {r['ece_before']:>11.4f} {r['ece_after']:>10.4f}")
-    print(f"mapping shift stored in {Path(args.model_dir) / 'hkd.json'}")
+    with console.captured(_logs_beside(args.model_dir), args.verbose):
+        records = [r for path in args.files for r in load_jsonl(path, require_labels=True)]
+        shift = calibrate_model(args.model_dir, records, tta=args.tta)
+        console.say(f"{'task':<14} {'n':>6} {'offset':>9} {'f1 before':>10} {'f1 after':>9} {'ece before':>11} {'ece after':>10}")
+        for t, r in shift["val"].items():
+            console.say(f"{t:<14} {shift['n'][t]:>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
+                  f"{r['f1_after']:>9.4f} {r['ece_before']:>11.4f} {r['ece_after']:>10.4f}")
+        console.say(f"mapping shift stored in {Path(args.model_dir) / 'hkd.json'}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -175,11 +237,12 @@ def _predict(args: argparse.Namespace) -> None:
     from workers.evaluate import prediction_rows, score_records
 
     _check_model_dir(args.model_dir)
-    records = load_jsonl(args.file, require_labels=False)
-    scored = score_records(args.model_dir, records, shift={} if args.no_shift else None, tta=args.tta)
-    rows = prediction_rows(records, scored)
-    Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"{len(rows)} predictions written to {args.out}")
+    with console.captured(_logs_beside(args.model_dir), args.verbose):
+        records = load_jsonl(args.file, require_labels=False)
+        scored = score_records(args.model_dir, records, shift={} if args.no_shift else None, tta=args.tta)
+        rows = prediction_rows(records, scored)
+        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        console.say(f"{len(rows)} predictions written to {args.out}")
 
 
 def _check_model_dir(model_dir: str) -> None:

@@ -206,6 +206,8 @@ class Resources(Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1, gt=0)
     ray_address: str | None = None
+    dashboard: bool = Field(True, description="start the local Ray with its dashboard (URL printed at start); "
+                                              "false: no dashboard, hkd cleans up orphaned worker groups itself")
 
 
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")

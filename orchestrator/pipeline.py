@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -13,10 +14,11 @@ import ray
 import ray.data
 
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator import console
 from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
-from orchestrator.progress import stage_bar, step_bar
-from orchestrator.report import write_report
+from orchestrator.progress import step_bar
+from orchestrator.report import machine, markdown_table, mlflow_command, render_markdown, write_report
 from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode_split, fingerprints, fit_grounding,
                                  fit_stage,
                                  loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
@@ -33,8 +35,11 @@ from workers.prompts import expand_units
 from workers.teacher import TeacherPool, check_compatible
 
 
-def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
-    """Execute the whole run; finished stages (result file present) are skipped on a re-run."""
+def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None = None,
+        overrides: list[str] | None = None) -> dict:
+    """Execute the whole run; finished stages (result file present) are skipped on a re-run.
+    `log` gets hkd's own console lines: the plan, per stage a start and an end line, and where the results are."""
+    started = time.time()
     plans = plan_stages(cfg)
     prints = fingerprints(cfg, plans)
     run_dir = run_dir.resolve()
@@ -48,9 +53,17 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     check_tokenizers(plans, init_dirs)
+    meta = {"name": cfg.name, "config": config_path or "(in-process)", "overrides": overrides or [], "seed": cfg.seed,
+            "data": data_counts(splits), "stages": [p.name for p in plans], "tracking_uri": mask_uri(uri),
+            "experiment": cfg.tracking.experiment, "machine": machine(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
+    _print_plan(cfg, plans, meta, run_dir, log)
     # TCRD runs two teachers at once: reserve room for both.
-    init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
-             custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
+    dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
+                         custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
+                         log_dir=run_dir / "logs")
+    if dashboard:
+        log(f"Ray dashboard: {dashboard}")
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
@@ -60,26 +73,58 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tags({"run_dir": str(run_dir), "driver": driver_tag()})
         log_params(flatten(cfg.model_dump()))
-        bar = stage_bar(len(plans))
         try:
             for i, plan in enumerate(plans):
+                log(f"stage {i + 1}/{len(plans)}: {plan.name}")
                 result = _stage(cfg, run_dir, plan, prints[plan.name], init_dirs, encoded, splits, uri, pools, log)
                 if plan.kind != "grounding":  # pre-training has no task metrics: not a report row
                     rows[plan.name] = result
                     for key, value in result["test"].items():
                         mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not valid
                 _release_pools(pools, plans[i + 1:])
-                bar.update()
         finally:
-            bar.close()
             _release_pools(pools, [])
+        meta.update(mlflow_run_id=parent.info.run_id, wall_s=time.time() - started,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
         report = write_report(run_dir, rows)
+        plots = render_plots(run_dir, rows, report, uri)
+        render_markdown(run_dir)  # again, now with the plots embedded
         mlflow.log_artifact(str(run_dir / "report.json"))
         mlflow.log_artifact(str(run_dir / "report.md"))
-        for path in render_plots(run_dir, rows, report, uri):
+        for path in plots:
             mlflow.log_artifact(str(path), artifact_path="plots")
-        log(f"MLflow run {parent.info.run_id} at {mask_uri(uri)}")
+    log("")
+    log(markdown_table(report).rstrip())
+    log("")
+    log(f"report:  {run_dir / 'report.md'}  (print it again: hkd report {run_dir})")
+    log(f"plots:   {run_dir / 'plots'}/")
+    log(f"logs:    {run_dir / 'logs'}/")
+    log(f"MLflow:  {mlflow_command(meta, run_dir)}   (parent run {parent.info.run_id})")
+    log(f"done in {meta['wall_s'] / 60:.1f} min")
     return report
+
+
+def data_counts(splits: dict[str, list[dict]]) -> dict[str, dict]:
+    """Records per split and task, for the plan line and the report."""
+    return {split: {"records": len(recs), "tasks": dict(sorted(Counter(r["task"] for r in recs).items()))}
+            for split, recs in splits.items()}
+
+
+def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Path, log) -> None:
+    """What the run will do, before it does it."""
+    log(f"hkd run {cfg.name}: {len(plans)} stages, seed {cfg.seed}")
+    for name, lc in cfg.levels.items():
+        if lc.path:
+            log(f"  level {name}: {lc.path}")
+        else:
+            log(f"  level {name}: tiny Qwen2.5-VL, hidden {lc.hidden} × {lc.layers} layers, "
+                f"vision {lc.vision_hidden} × {lc.vision_depth}")
+    log("  data: " + "; ".join(f"{split} {n['records']} ("
+                               + ", ".join(f"{t} {c}" for t, c in n["tasks"].items()) + ")"
+                               for split, n in meta["data"].items()))
+    log("  stages: " + " → ".join(p.name for p in plans))
+    log(f"  run dir: {run_dir}  (Ray and library output: {run_dir / 'logs'}/)")
 
 
 def load_splits(cfg: RunConfig, run_dir: Path) -> dict[str, list[dict]]:
@@ -192,8 +237,8 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
     mark_done(stage_file, result)
     shown = result.get("test", val)
-    log(f"[{plan.name}] {'test' if 'test' in result else 'held-out'} "
-        f"{json.dumps({k: round(v, 4) for k, v in shown.items()})} ({result['wall_s']:.0f}s)")
+    log(f"[{plan.name}] done in {result['wall_s']:.0f} s · {'test' if 'test' in result else 'held-out'} "
+        + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k.endswith(("f1", "accuracy", "loss"))))
     return result
 
 

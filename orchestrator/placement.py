@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import ray
 from ray.train import ScalingConfig
@@ -11,8 +12,10 @@ from ray.train import ScalingConfig
 from orchestrator.config import Placement, Resources
 
 
-def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None) -> None:
-    """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers.
+def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None,
+             log_dir: Path | None = None) -> str | None:
+    """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers; returns the
+    dashboard's URL (None when it is off).
 
     A local Ray gets the CPUs that train workers and teacher actors reserve (at least the machine's), plus one
     logical CPU more: Ray Data's read/map tasks need a CPU
@@ -20,17 +23,51 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
     `custom`: the placement's custom resources, advertised by a local Ray so the same config runs on one machine.
     The local Ray is always a private one (`address="local"`): Ray's default would join whatever cluster
     /tmp/ray/ray_current_cluster last named, even a dead one or another user's.
+
+    The local Ray starts its dashboard unless `resources.dashboard` is false: the dashboard serves the State API,
+    which Ray Train's placement-group cleaner queries (without it, that cleaner warns every second that it
+    cannot). Off, the cleaner is not started (`RAY_TRAIN_ENABLE_PG_CLEANER`-style switch below) and
+    `orchestrator.orphans` does its job silently. `log_dir` gets a link to Ray's own session logs.
     """
     if ray.is_initialized():
-        return
+        return _dashboard_url()
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": _env_vars_beside_job()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return
-    need = res.num_workers * res.cpus_per_worker + teacher_cpus
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
-             resources=custom or None, include_dashboard=False, log_to_driver=True)
+    else:
+        need = res.num_workers * res.cpus_per_worker + teacher_cpus
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
+                 resources=custom or None, include_dashboard=res.dashboard,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+    if log_dir is not None:
+        _link_session_logs(log_dir)
+    return _dashboard_url()
+
+
+def _dashboard_url() -> str | None:
+    url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+    if not url:
+        try:
+            url = ray._private.worker.get_dashboard_url()
+        except Exception:  # noqa: BLE001 - no dashboard
+            url = None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def _link_session_logs(log_dir: Path) -> None:
+    """`<log dir>/ray` → this Ray session's own log dir (raylet, GCS, dashboard, worker files)."""
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        link = log_dir / "ray"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(session)
+    except Exception:  # noqa: BLE001 - a joined cluster's session dir may not be on this machine
+        pass
 
 
 def _env_vars_beside_job() -> dict[str, str]:

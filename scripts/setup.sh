@@ -9,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-pip install -q -e .
+pip install -q -e ".[test]"

@@ -23,6 +23,7 @@ class StepLogger:
         # The driver's step bar polls this file (orchestrator/progress.py): rank 0 writes it twice a second.
         self.progress = Path(progress) if enabled and progress else None
         self.total, self.last_write = total, 0.0
+        self.shown: dict[str, float] = {}  # the latest loss and validation F1, for the driver's progress line
         self.flushed_at = time.monotonic()
         if enabled and tracking:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -31,10 +32,14 @@ class StepLogger:
             self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
 
     def log(self, step: int, values: dict[str, float], every: int) -> None:
-        if self.progress and (time.monotonic() - self.last_write > 0.5 or step == self.total):
+        shown = {k: float(v) for k, v in values.items()
+                 if k in ("loss", "loss_grounding") or (k.startswith("val/") and k.endswith("f1"))}
+        self.shown.update(shown)
+        if self.progress and (time.monotonic() - self.last_write > 0.5 or step == self.total
+                              or any(k.startswith("val/") for k in shown)):
             self.last_write = time.monotonic()
             tmp = self.progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "total": self.total}))
+            tmp.write_text(json.dumps({"step": step, "total": self.total, **self.shown}))
             tmp.replace(self.progress)
         if self.client is None or step % every:
             return
