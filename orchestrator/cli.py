@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+")
     v.set_defaults(func=_validate)
 
+    _model_commands(sub, loud)
+    return p
+
+
+def _model_commands(sub, loud: argparse.ArgumentParser) -> None:
+    """evaluate, calibrate, predict: the commands that take a model dir."""
     e = sub.add_parser("evaluate", help="predict and score labelled JSONL files with a model dir", parents=[loud])
     e.add_argument("model_dir")
     e.add_argument("files", nargs="+")
@@ -115,7 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="predictions JSONL")
     _inference_flags(pr)
     pr.set_defaults(func=_predict)
-    return p
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ def say(message: str = "", err: bool = False) -> None:
         out = _state.out or (sys.stderr if err else sys.stdout)
         out.write(message + "\n")
         out.flush()
-        if _state.log is not None and not _state.verbose:  # verbose: the console already is the log's tee
+        if _state.log is not None:
             _state.log.write(message + "\n")
             _state.log.flush()
 

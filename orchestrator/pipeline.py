@@ -53,10 +53,7 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     check_tokenizers(plans, init_dirs)
-    meta = {"name": cfg.name, "config": config_path or "(in-process)", "overrides": overrides or [], "seed": cfg.seed,
-            "data": data_counts(splits), "stages": [p.name for p in plans], "tracking_uri": mask_uri(uri),
-            "experiment": cfg.tracking.experiment, "machine": machine(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
+    meta = _meta(cfg, plans, splits, uri, started, config_path, overrides)
     _print_plan(cfg, plans, meta, run_dir, log)
     # TCRD runs two teachers at once: reserve room for both.
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
@@ -94,15 +91,29 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
         mlflow.log_artifact(str(run_dir / "report.md"))
         for path in plots:
             mlflow.log_artifact(str(path), artifact_path="plots")
+    _print_results(report, meta, run_dir, log)
+    return report
+
+
+def _print_results(report: dict, meta: dict, run_dir: Path, log) -> None:
+    """The table, and where the report, the plots, the logs and the MLflow UI are."""
     log("")
     log(markdown_table(report).rstrip())
     log("")
     log(f"report:  {run_dir / 'report.md'}  (print it again: hkd report {run_dir})")
     log(f"plots:   {run_dir / 'plots'}/")
     log(f"logs:    {run_dir / 'logs'}/")
-    log(f"MLflow:  {mlflow_command(meta, run_dir)}   (parent run {parent.info.run_id})")
+    log(f"MLflow:  {mlflow_command(meta, run_dir)}   (parent run {meta['mlflow_run_id']})")
     log(f"done in {meta['wall_s'] / 60:.1f} min")
-    return report
+
+
+def _meta(cfg: RunConfig, plans: list[StagePlan], splits: dict, uri: str, started: float, config_path: str | None,
+          overrides: list[str] | None) -> dict:
+    """What ran, for run.json and the report (completed with the wall time and MLflow run at the end)."""
+    return {"name": cfg.name, "config": config_path or "(in-process)", "overrides": overrides or [], "seed": cfg.seed,
+            "data": data_counts(splits), "stages": [p.name for p in plans], "tracking_uri": mask_uri(uri),
+            "experiment": cfg.tracking.experiment, "machine": machine(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
 
 def data_counts(splits: dict[str, list[dict]]) -> dict[str, dict]:

@@ -26,7 +26,7 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
 
     The local Ray starts its dashboard unless `resources.dashboard` is false: the dashboard serves the State API,
     which Ray Train's placement-group cleaner queries (without it, that cleaner warns every second that it
-    cannot). Off, the cleaner is not started (`RAY_TRAIN_ENABLE_PG_CLEANER`-style switch below) and
+    cannot). Off, that cleaner's warnings are silenced in every Ray worker process (`quiet_pg_cleaner`) and
     `orchestrator.orphans` does its job silently. `log_dir` gets a link to Ray's own session logs.
     """
     if ray.is_initialized():
@@ -37,6 +37,8 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         need = res.num_workers * res.cpus_per_worker + teacher_cpus
+        if not res.dashboard:
+            env["worker_process_setup_hook"] = quiet_pg_cleaner
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
                  resources=custom or None, include_dashboard=res.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
@@ -46,15 +48,24 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
 
 
 def _dashboard_url() -> str | None:
-    url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
-    if not url:
-        try:
-            url = ray._private.worker.get_dashboard_url()
-        except Exception:  # noqa: BLE001 - no dashboard
-            url = None
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard
+        url = None
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_pg_cleaner() -> None:
+    """Worker-process setup hook for a Ray without dashboard: Ray Train's placement-group cleaner cannot reach the
+    State API there and would warn every second; hkd's own cleanup (`orchestrator.orphans`) does its job."""
+    import logging
+
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _link_session_logs(log_dir: Path) -> None:

@@ -103,7 +103,7 @@ def markdown_table(report: dict, best: bool = True) -> str:
             + " | ".join(f"{t[:5]} {c}" for t in TASKS for c in COLUMNS) + " | samples/s |")
     lines = [head, "|" + "---|" * (len(TASKS) * len(COLUMNS) + 3 + has_dirs)]
     for name, row in rows.items():
-        cells = [_fmt(row[t][c], marks.get((t, c)) == name) for t in TASKS for c in COLUMNS]
+        cells = [_fmt(row[t][c], name in marks.get((t, c), ())) for t in TASKS for c in COLUMNS]
         lines.append(f"| {name} | " + (f"{row.get('model_dir', '–')} | " if has_dirs else "")
                      + f"{row['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {row['samples_per_s']:.0f} |")
     chance = report.get("chance") or {}
@@ -113,13 +113,15 @@ def markdown_table(report: dict, best: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _best(rows: dict[str, dict]) -> dict[tuple[str, str], str]:
+def _best(rows: dict[str, dict]) -> dict[tuple[str, str], set[str]]:
+    """Per (task, column), the rows holding the best value (ties all marked)."""
     marks = {}
     for t in TASKS:
         for c in COLUMNS:
-            values = [(row[t][c], name) for name, row in rows.items() if row[t][c] is not None and row[t][c] == row[t][c]]
+            values = {name: row[t][c] for name, row in rows.items() if row[t][c] is not None and row[t][c] == row[t][c]}
             if values:
-                marks[(t, c)] = (min if c in LOWER_IS_BETTER else max)(values)[1]
+                best = (min if c in LOWER_IS_BETTER else max)(values.values())
+                marks[(t, c)] = {name for name, v in values.items() if round(v, 3) == round(best, 3)}
     return marks
 
 

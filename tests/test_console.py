@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 # Lines that only Ray's internals, Ray Data or weight loading print; none may reach the default console.
 NOISE = re.compile(r"\(pid=|\(\w+ pid=|PlacementGroupCleaner|State API|Loading weights|Running Dataset|"
@@ -44,7 +45,8 @@ resources: {{num_workers: 1, cpus_per_worker: 1}}
 
 def _hkd(args: list[str], cwd: Path, on_line=None, timeout: float = 900) -> tuple[int, list[str]]:
     """`hkd ARGS 2>&1 | cat`: stdout and stderr into one pipe; `on_line` sees each line as it comes."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -127,7 +129,7 @@ def test_report_reads_on_its_own_and_its_images_exist(finished):
     shutil.copytree(run_dir, copy, symlinks=True)
     shutil.copy(run_dir.parent / "mlflow.db", copy.parent / "mlflow.db")
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(copy)], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=ROOT).stdout
     assert "## The claim, checked" in out and f"sqlite:///{copy.parent.resolve()}/mlflow.db" in out
 
 
