@@ -233,14 +233,13 @@ def _what_ran(meta: dict, run_dir: Path) -> list[str]:
 
 
 def mlflow_command(meta: dict, run_dir: Path) -> str:
-    """`mlflow ui` for the run's store. A sqlite store beside the run dir (the default) is found where the run
-    dir is now, so a copied run dir (with its parent's mlflow.db) still opens."""
+    """`mlflow ui` for the run's store. A sqlite store beside the run dir (the default) is taken from where the run
+    dir is now, so a copied run dir (with its parent's mlflow.db) opens its own copy."""
     uri = meta.get("tracking_uri") or ""
     beside = run_dir.resolve().parent / "mlflow.db"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file() and beside.is_file():
+    if (not uri or uri.startswith("sqlite:///")) and beside.is_file():  # the default store, wherever the dir is now
         uri = f"sqlite:///{beside}"
-    if not uri:
-        uri = f"sqlite:///{beside}"
+    uri = uri or f"sqlite:///{beside}"
     return f"mlflow ui --backend-store-uri {uri}"
 
 

@@ -162,3 +162,21 @@ def test_broken_stage_shows_root_cause_and_log_path(finished):
     assert error and "L-direct" in error[0] and re.search(r"safetensor|header|deserializ", error[0], re.I), text
     assert f"{run_dir.resolve() / 'logs' / 'hkd.log'}" in text or f"{run_dir / 'logs' / 'hkd.log'}" in text
     assert "Traceback" in (run_dir / "logs" / "hkd.log").read_text()
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
+    """Off a terminal, the stage's progress is a line at most every `line_every_s` (30 s by default), with step,
+    loss, validation F1, steps/s and ETA from the file rank 0 writes."""
+    import json
+
+    from orchestrator.progress import step_bar
+
+    progress = tmp_path / "s.progress"
+    with step_bar("S-direct", progress, poll_s=0.02, line_every_s=0.2):
+        for step in range(1, 9):
+            progress.write_text(json.dumps({"step": step, "total": 8, "loss": 1.0 / step,
+                                            "val/hallucination/f1": 0.6, "val/factuality/f1": 0.7}))
+            time.sleep(0.1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[S-direct] step")]
+    assert 1 <= len(lines) <= 5, lines
+    assert re.search(r"step \d/8 · loss \d\.\d{3} · val f1 0\.650 · [\d.]+ steps/s · ETA \dm\d\ds", lines[-1]), lines
