@@ -103,6 +103,7 @@ def captured(directory: Path, verbose: bool = False) -> Iterator[Path]:
         sys.stderr.write(traceback.format_exc())  # the whole story, in the log (and on the console with -v)
         raise
     finally:
+        _stop_ray()  # Ray's driver flushes forwarded worker lines ("[repeated 2x across cluster]") at shutdown
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -115,6 +116,16 @@ def captured(directory: Path, verbose: bool = False) -> Iterator[Path]:
             _state.out.close()
         _state.out, _state.log, _state.verbose = None, None, False
         log.close()
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this command started while its output still goes to the log."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the command's own outcome matters more
+            traceback.print_exc()
 
 
 def _fd_backed(stream, fd: int) -> bool:
