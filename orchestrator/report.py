@@ -157,7 +157,10 @@ def verdicts(report: dict) -> list[str]:
             words.append(f"{_diff(f - big)} the directly tuned `{large}` ({big:.3f})")
         sentence = words[0] + (": " + "; ".join(words[1:]) if len(words) > 1 else "") + "."
         if s is not None and big is not None:
-            if f >= big:
+            if big <= s:
+                sentence += (f" `{large}` is not better than `{small}` here, so there is no gap to close: this run "
+                             "cannot test the claim.")
+            elif f >= big:
                 sentence += " The claim holds here: the distilled small model matches or beats the large one."
             elif big > s and f > s:
                 sentence += (f" It closes {100 * (f - s) / (big - s):.0f}% of the gap between small and large; "
