@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from workers.checkpoints import report_checkpoint, resume
+from workers.checkpoints import record_attempt, report_checkpoint, resume
 from workers.contract import StageJob
 from workers.inference import position_logits, predict, task_metrics, to_device
 from workers.lora import add_lora
@@ -62,8 +62,7 @@ class StageRun:
         self.total = max(1, round(tc.epochs * self.steps_per_epoch))
         self.warmup = max(1, int(tc.warmup_ratio * self.total))
         self.logger = StepLogger(job.tracking, enabled=self.rank == 0, progress=job.progress, total=self.total)
-        if self.step:
-            self.logger.log(self.step, {"resumed_from_step": self.step}, every=1)  # where a restarted attempt picked up
+        record_attempt(self.logger, self.step, self.rank)  # a restart logs where it picked up
         self.ddp_model.train()
         self.throughput = Throughput(tc.batch_size * self.world)
 
