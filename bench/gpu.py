@@ -380,7 +380,8 @@ def _student_run(ctx: Ctx, lora: bool) -> dict:
     image_id = (model.config if not lora else model.base_model.model.config).image_token_id
     batch = to_device(batches(ctx, processor, image_id, 1, offset=a.batch)[0], ctx.device)
     g = torch.Generator().manual_seed(0)
-    teacher_out = [to_device(from_wire(wire_outputs(torch.randn(a.batch, vocab, generator=g) * 3, label_ids, a.k,
+    n_pos = len(batch["positions"])  # one teacher row per supervised position (a record may have several)
+    teacher_out = [to_device(from_wire(wire_outputs(torch.randn(n_pos, vocab, generator=g) * 3, label_ids, a.k,
                                                     a.temperature)), ctx.device)]
     losses = []
 
