@@ -63,12 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=112)
     s.set_defaults(func=_synth)
     v = d.add_parser("validate", help="check data files against the data contract, listing every bad line")
-    v.add_argument("files", nargs="+")
-    v.add_argument("--max-errors", type=int, default=50, help="list at most this many bad lines (default 50)")
-    v.add_argument("--labels", action="store_true", help="require labels, as run, evaluate and calibrate do")
-    v.add_argument("--config", help="a run config whose data.field_map, default_task and max_image_pixels apply")
-    v.add_argument("--model-dir", help="also refuse prompts longer than this model's context")
-    v.set_defaults(func=_validate)
+    _validate_flags(v)
 
     e = sub.add_parser("evaluate", help="predict and score labelled JSONL files with a model dir")
     e.add_argument("model_dir")
@@ -90,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     _inference_flags(pr)
     pr.set_defaults(func=_predict)
     return p
+
+
+def _validate_flags(v: argparse.ArgumentParser) -> None:
+    v.add_argument("files", nargs="+")
+    v.add_argument("--max-errors", type=int, default=50, help="list at most this many bad lines (default 50)")
+    v.add_argument("--labels", action="store_true", help="require labels, as run, evaluate and calibrate do")
+    v.add_argument("--config", help="a run config whose data.field_map, default_task and max_image_pixels apply")
+    v.add_argument("--model-dir", help="also refuse prompts longer than this model's context")
+    v.set_defaults(func=_validate)
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:

@@ -227,6 +227,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB (`to_rgb`): how training, evaluation and augmentation read images."""
+    with Image.open(path) as im:
+        return to_rgb(im)
+
+
 def _check_image(image: str, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Why the resolved image path is unusable, or None (a path with control characters is shown escaped)."""
     try:
