@@ -54,13 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
-    s = d.add_parser("synth", help="generate the procedural benchmark")
+    s = d.add_parser("synth", help="generate the procedural benchmark (a run config's generator settings with "
+                                   "--config; flags override them)")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train", type=int, default=2000)
-    s.add_argument("--val", type=int, default=300)
-    s.add_argument("--test", type=int, default=500)
-    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--config", help="take seed, counts and generator settings from this run config's data.synth")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    s.add_argument("--seed", type=int, help="default: the config's seed, else 0")
+    s.add_argument("--train", type=int, help="records per task (default: the config's, else 2000)")
+    s.add_argument("--val", type=int, help="default: the config's, else 300")
+    s.add_argument("--test", type=int, help="default: the config's, else 500")
+    s.add_argument("--image-size", type=int, help="default: the config's, else 112")
     s.set_defaults(func=_synth)
     v = d.add_parser("validate", help="check data files against the data contract, listing every bad line")
     _validate_flags(v)
@@ -139,10 +142,24 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    """The benchmark a config would generate, or another draw of it: another --seed gives a fresh held-out set
+    of the same distribution."""
+    from dataclasses import replace
+
     from workers.synth import SynthSpec, generate
 
-    meta = generate(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_test=args.test,
-                    spec=SynthSpec(image_size=args.image_size))
+    seed, counts, spec = 0, {"train": 2000, "val": 300, "test": 500}, SynthSpec()
+    if args.config:
+        from orchestrator.pipeline import synth_spec
+
+        cfg = load_config(args.config, args.overrides)
+        seed, spec = cfg.seed, synth_spec(cfg)
+        counts = {k: getattr(cfg.data.synth, k) for k in counts}
+    counts.update({k: getattr(args, k) for k in counts if getattr(args, k) is not None})
+    if args.image_size is not None:
+        spec = replace(spec, image_size=args.image_size)
+    meta = generate(args.out, seed=seed if args.seed is None else args.seed, n_train=counts["train"],
+                    n_val=counts["val"], n_test=counts["test"], spec=spec)
     print(json.dumps(meta, indent=2))
 
 

@@ -65,3 +65,23 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, batch, tmp_path)
     bigger = torch.nn.Linear(3, 3)
     with pytest.raises(RuntimeError):
         load_train_state(bigger, torch.optim.AdamW(bigger.parameters()), tmp_path / "ckpt")
+
+
+def test_every_restart_logs_where_it_started(tmp_path, monkeypatch):
+    """A restart is recorded whether it resumed (the loaded checkpoint's step) or found no registered checkpoint
+    and started from scratch (0); the first attempt and other ranks log nothing."""
+    import types
+
+    import ray.train
+    from pyarrow.fs import LocalFileSystem
+
+    from workers.train_loop import ATTEMPTS_FILE, _record_attempt
+
+    storage = types.SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(tmp_path))
+    monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
+    logged = []
+    logger = types.SimpleNamespace(log=lambda step, values, every: logged.append((step, values)))
+    for step, rank in [(0, 0), (0, 1), (0, 0), (77, 0)]:  # first attempt; then from scratch; then resumed
+        _record_attempt(logger, step, rank)
+    assert logged == [(0, {"resumed_from_step": 0}), (77, {"resumed_from_step": 77})]
+    assert (tmp_path / ATTEMPTS_FILE).read_text() == "3"

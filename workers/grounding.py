@@ -81,7 +81,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from workers.train_loop import _report, _resume, _StepLogger, lr_at, to_device
+    from workers.train_loop import _record_attempt, _report, _resume, _StepLogger, lr_at, to_device
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     ctx = ray.train.get_context()
@@ -103,6 +103,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
 
     held_out = batch_of(-1 - seed, 64)  # training seeds are >= 0: these scenes are never trained on
     logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
+    _record_attempt(logger, step, rank)
     ddp_model.train()
     metrics: dict[str, float] = {}
     while step < total:

@@ -35,6 +35,86 @@ def expand_units(records: list[dict]) -> list[dict]:
     return units
 
 
+# One forward per record: a Task 1 record's options are listed in one assistant turn, each wrapped in Qwen's
+# referring-expression tokens; the label words are read from the next-token distribution at each closing
+# token. No label ever appears in the input, so one option's label cannot leak into another's decision.
+OPTION_OPEN, OPTION_CLOSE = "<|object_ref_start|>", "<|object_ref_end|>"
+HALLUCINATION_REQUEST = "Which phrases are hallucinated?"
+
+
+def record_units(records: list[dict]) -> list[dict]:
+    """One unit per record: its prompt (user text, assistant text) and one target per supervised position
+    (Task 1: one per option; Task 2: one), -1 where unlabelled."""
+    units = []
+    for rec in records:
+        if rec["task"] == "hallucination":
+            labels = rec.get("hallucinated")
+            user = f"Caption: {rec['caption']}\n{HALLUCINATION_REQUEST}"
+            answer = "\n".join(f"{OPTION_OPEN}{o}{OPTION_CLOSE}" for o in rec["options"])
+            targets = [-1] * len(rec["options"]) if labels is None else [int(v) for v in labels]
+        else:
+            label = rec.get("label")
+            user, answer = f"Context: {rec['context']}\nClaim: {rec['claim']}\n{FACTUALITY_QUESTION}", ""
+            targets = [-1 if label is None else int(label)]
+        units.append({"uid": rec["id"], "record_id": rec["id"], "task": rec["task"], "image": rec["image"],
+                      "text": user, "answer": answer, "targets": targets})
+    return units
+
+
+def encode_records(units: dict[str, np.ndarray] | list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
+    """`encode_units` for record units: also the supervised positions of each row (indices into its
+    unpadded `input_ids`: each option's closing token, else the last token) and their targets."""
+    rows = _as_rows(units)
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
+        add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
+    enc = processor(text=texts, images=images, padding=False, return_tensors=None)
+    close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
+    ids = [np.asarray(i, dtype=np.int64) for i in enc["input_ids"]]
+    positions = []
+    for r, seq in zip(rows, ids):
+        pos = np.flatnonzero(seq == close_id) if r["answer"] else np.array([len(seq) - 1])
+        if len(pos) != len(r["targets"]):
+            raise ValueError(f"record {r['uid']}: {len(r['targets'])} answers expected, {len(pos)} answer "
+                             f"positions found (does a text field contain {OPTION_CLOSE}?)")
+        positions.append(pos.astype(np.int64))
+    pixels = np.asarray(enc["pixel_values"], dtype=np.float16)
+    grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(len(rows), 3)
+    out = {k: np.array([r[k] for r in rows]) for k in ("uid", "record_id", "task")}
+    out["input_ids"] = _object_array(ids)
+    out["positions"] = _object_array(positions)
+    out["targets"] = _object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
+    out["pixel_values"] = _object_array(np.split(pixels, np.cumsum(grids.prod(axis=1))[:-1]))
+    out["image_grid_thw"] = grids
+    return out
+
+
+def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict:
+    """`collate` for encoded records: left-padded model inputs plus, per supervised position, its
+    (row, column) in the padded batch (`positions`, [P, 2]), `target` [P] and `slot` [P] (option index)."""
+    out = collate({**batch, "target": np.zeros(len(batch["input_ids"]), dtype=np.int64)}, pad_id, image_token_id)
+    width = out["input_ids"].shape[1]
+    rows, cols, slots = [], [], []
+    for i, (seq, pos) in enumerate(zip(batch["input_ids"], batch["positions"])):
+        rows += [i] * len(pos)
+        cols += (np.asarray(pos) + width - len(seq)).tolist()
+        slots += list(range(len(pos)))
+    out["positions"] = torch.as_tensor(np.stack([rows, cols], axis=1), dtype=torch.long)
+    out["target"] = torch.as_tensor(np.concatenate([np.asarray(t) for t in batch["targets"]]), dtype=torch.long)
+    out["slot"] = torch.as_tensor(slots, dtype=torch.long)
+    out["row_task"] = [batch["task"][r] for r in rows]
+    return out
+
+
+def position_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Full-vocabulary logits at every supervised position of a record batch: [P, V]. The LM head runs only
+    on the columns some row supervises."""
+    cols, index = torch.unique(batch["positions"][:, 1], return_inverse=True)
+    logits = model(**model_inputs(batch), logits_to_keep=cols).logits
+    return logits[batch["positions"][:, 0], index].float()
+
+
 def _unit(rec: dict, index: int, text: str, target: int) -> dict:
     return {"uid": f"{rec['id']}#{index}", "record_id": rec["id"], "task": rec["task"], "index": index,
             "image": rec["image"], "text": text, "target": target}

@@ -27,6 +27,7 @@ from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_mo
 from workers.prompts import collate, model_inputs
 
 STATE_FILE = "trainer_state.pt"
+ATTEMPTS_FILE = "hkd_attempts"  # in a stage's Ray Train storage dir: its attempts started so far
 WEIGHTS_FILE = "weights.safetensors"  # a checkpoint's weights, named as the model holds them in memory
 FLUSH_S = 1.0  # per-step metrics reach MLflow at least this often (live curves; little lost to a crash)
 
@@ -110,8 +111,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     total = max(1, round(tc["epochs"] * steps_per_epoch))
     warmup = max(1, int(tc["warmup_ratio"] * total))
     logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
-    if step:
-        logger.log(step, {"resumed_from_step": step}, every=1)  # where a restarted attempt picked up
+    _record_attempt(logger, step, rank)
     train_sets = cfg.get("train_sets") or ["train"]  # one per epoch when augmenting
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     ddp_model.train()
@@ -368,6 +368,32 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         return 0
     with ckpt.as_directory() as d:
         return load_train_state(model, optimizer, Path(d))
+
+
+def _record_attempt(logger: _StepLogger, step: int, rank: int) -> None:
+    """Rank 0 counts this attempt; every restart logs `resumed_from_step`: the step of the checkpoint it loaded,
+    0 when it starts from scratch. A restart is not always a resume: a reported checkpoint counts only once the
+    controller has polled the worker and registered it (`ray.train.get_checkpoint()` returns the latest one
+    registered), so a worker killed between its report and that poll leaves none, or only an older one."""
+    if rank == 0 and (_attempts_before() or step):
+        logger.log(step, {"resumed_from_step": step}, every=1)
+
+
+def _attempts_before() -> int:
+    """Attempts of this stage started before this one, counted in `ATTEMPTS_FILE` beside Ray Train's checkpoint
+    record in the stage's storage dir (so a re-run after a driver crash counts too); counts this one."""
+    import ray.train
+    from pyarrow.fs import FileType
+
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{ATTEMPTS_FILE}"
+    before = 0
+    if fs.get_file_info(path).type != FileType.NotFound:
+        with fs.open_input_stream(path) as f:
+            before = int(f.read().decode() or 0)
+    with fs.open_output_stream(path) as f:
+        f.write(str(before + 1).encode())
+    return before
 
 
 def save_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, ckpt: Path) -> None:
