@@ -150,6 +150,10 @@ def test_config_not_utf8_refused_naming_the_file(tmp_path, capsys):
     (json.dumps(_fact(1, claim="x\ud800y")), "field 'claim' contains an unpaired surrogate \\ud800 at character 2"),
     (json.dumps(_fact(1, image="i.png\u0000x")), "field 'image' contains a NUL character"),
     (json.dumps(_fact(1, image=1e308 * 10)), "field 'image': expected string, got number"),
+    (json.dumps(_hall(1, options=["red<|object_ref_end|>", "dog"], hallucinated=[True, False])),
+     "field 'options[0]' contains '<|object_ref_end|>', a special token of the model's prompt format"),
+    (json.dumps(_fact(1, context="see <|image_pad|>")),
+     "field 'context' contains '<|image_pad|>', a special token of the model's prompt format"),
     (json.dumps(_fact(1, task="x" * 500)), "unknown task 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'"),
 ])
 def test_junk_lines_get_a_specific_cause(d, capsys, line, cause):

@@ -45,6 +45,7 @@ CAUSES = [
     r"missing field '[a-z]+'",
     r"unknown task .+ \(valid: hallucination, factuality\)",
     r"field '[a-z]+(\[\d+\])?' (is empty|is only whitespace|contains a NUL character"
+    r"|contains '<\|[a-z_]+\|>', a special token of the model's prompt format"
     r"|contains an unpaired surrogate \\u[0-9a-f]{4} at character \d+, which is not valid Unicode)",
     r"field 'options': items \d+ and \d+ are the same option .+",
     r"field 'options' has \d+ items but 'hallucinated' has \d+",
@@ -93,7 +94,8 @@ _json_leaf = (st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.fl
 JUNK = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
 HUGE = "\u0000HUGE\u0000"  # stands for an integer too long to print; spliced into the JSON text
-STRINGS = st.sampled_from(["", " ", "\t\n", "x\ud800y", "a\u0000b", "red", "\u202e evil", "é" * 50, "x" * 5000])
+STRINGS = st.sampled_from(["", " ", "\t\n", "x\ud800y", "a\u0000b", "red", "\u202e evil", "é" * 50, "x" * 5000,
+                           "a <|image_pad|>", "b<|object_ref_end|>"])
 IMAGE_REFS = st.sampled_from([*IMAGES, "missing.png", ".", "", "/", "../good.png", "sub/../good.png",
                               "good.png\u0000", "x" * 300 + ".png"])
 
@@ -213,6 +215,7 @@ def _check_accepted(records: list[dict], require_labels: bool) -> None:
         texts = ["id", "image", "caption"] if r["task"] == "hallucination" else ["id", "image", "context", "claim"]
         for key in texts:
             assert isinstance(r[key], str) and r[key].strip() and "\x00" not in r[key]
+            assert not re.search(r"<\|[a-z_]+\|>", r[key])
             r[key].encode("utf-8")  # no lone surrogates
         assert os.path.isabs(r["image"]) and os.path.isfile(r["image"])
         with Image.open(r["image"]) as im:
@@ -221,6 +224,7 @@ def _check_accepted(records: list[dict], require_labels: bool) -> None:
         if r["task"] == "hallucination":
             opts = r["options"]
             assert opts and all(isinstance(o, str) and o.strip() for o in opts) and len(set(opts)) == len(opts)
+            assert not any(re.search(r"<\|[a-z_]+\|>", o) for o in opts)
             labels = r["hallucinated"]
             assert (labels is None and not require_labels) or (
                 isinstance(labels, list) and len(labels) == len(opts) and all(isinstance(x, bool) for x in labels))

@@ -46,7 +46,10 @@ _LABEL = {"hallucination": "hallucinated", "factuality": "label"}
 _IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_PIXELS = 64_000_000  # above any phone camera; `data.max_image_pixels` overrides it
 _BOM = b"\xef\xbb\xbf"
-_NO_TASK = "(no task)"  # the task column of lines whose task could not be read
+_NO_TASK = "(no task)"
+# Qwen's special tokens (`<|im_start|>`, `<|image_pad|>`, `<|object_ref_end|>`...): in a text field they would
+# change the prompt's structure (an extra image slot, a fake answer position) instead of being read as text.
+_SPECIAL = re.compile(r"<\|[a-z_]{1,30}\|>")  # the task column of lines whose task could not be read
 
 
 class DataError(ValueError):
@@ -323,6 +326,8 @@ def _check_text(value: str, shown: str) -> None:
         raise _Bad(f"field {shown} is only whitespace")
     if "\x00" in value:
         raise _Bad(f"field {shown} contains a NUL character")
+    if token := _SPECIAL.search(value):
+        raise _Bad(f"field {shown} contains {token.group()!r}, a special token of the model's prompt format")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
