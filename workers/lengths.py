@@ -13,8 +13,12 @@ from workers.prompts import encode_units, expand_units
 
 
 def context_length(model_dir: str | Path) -> int | None:
-    """The model's context in tokens (`max_position_embeddings` of its text config), None when not stated."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    """The model's context in tokens (`max_position_embeddings` of its text config), None when not stated or
+    when `model_dir` is not a local dir (a hub name)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
     for section in (cfg.get("text_config") or {}, cfg):
         if isinstance(section.get("max_position_embeddings"), int):
             return section["max_position_embeddings"]
