@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.data import load_rgb
 from workers.models import HKDProcessor
 
 HALLUCINATION_QUESTION = "Is the phrase hallucinated?"
@@ -64,8 +65,7 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: HKDProc
     """`encode_units` for record units: also the supervised positions of each row (indices into its
     unpadded `input_ids`: each option's closing token, else the last token) and their targets."""
     rows = _as_rows(units)
-    images = [Image.fromarray(r["image_array"]) if "image_array" in r else Image.open(r["image"]).convert("RGB")
-              for r in rows]
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
         add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
@@ -128,8 +128,7 @@ def encode_units(units: dict[str, np.ndarray] | list[dict], processor: HKDProces
     image in memory, uint8 HxWx3) uses it instead of reading `image`.
     """
     rows = _as_rows(units)
-    images = [Image.fromarray(r["image_array"]) if "image_array" in r else Image.open(r["image"]).convert("RGB")
-              for r in rows]
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
         add_generation_prompt=True, tokenize=False) for r in rows]
