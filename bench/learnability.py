@@ -29,7 +29,8 @@ from workers.losses import cross_entropy, forward_kl
 from workers.metrics import binary_metrics
 from workers.models import LevelShape, build_level, build_tokenizer, count_parameters, label_word_ids, load_model_dir
 from workers.prompts import collate_records, encode_records, position_logits, record_units
-from workers.train_loop import lr_at, target_token_ids, to_device
+from workers.inference import target_token_ids, to_device
+from workers.optim import lr_at
 
 SHAPES = {
     "L": LevelShape(256, 4, 4, 2, 704, 192, 2, 3),

@@ -19,14 +19,15 @@ import ray
 import ray.data
 import torch
 
-from orchestrator.config import Resources, TrainConfig
-from orchestrator.stages import fit_stage
+from orchestrator.config import Resources, RunConfig, TrainConfig
+from orchestrator.stages import StagePlan, default_stage_loss, fit_stage, stage_job, train_datasets
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units
 from workers.teacher import TeacherPool
-from workers.train_loop import StageLoss, answer_logits
+from workers.inference import answer_logits
+from workers.objectives import StageObjective
 
 K, T = 16, 4.0
 
@@ -40,8 +41,8 @@ def in_process(teacher_dir: Path, student_dir: Path, units: list[dict], batch: i
     pad, img = processor.tokenizer.pad_token_id, student.config.image_token_id
     batches = [collate(encode_units(units[i:i + batch], processor), pad, img)
                for i in range(0, steps * batch, batch)]
-    loss_fn = StageLoss({"ce_weight": 0.5, "teachers": [{"stage": "T", "weight": 1.0, "temperature": T}]},
-                        label_ids)
+    loss_fn = StageObjective(default_stage_loss([{"stage": "T", "pool": "local", "temperature": T}], ce_weight=0.5),
+                             label_ids)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     start = None
     for i, b in enumerate(batches):
@@ -65,11 +66,14 @@ def with_ray(work: Path, teacher_dir: Path, student_dir: Path, units: list[dict]
     val = ray.data.from_items(units[:batch]).map_batches(
         encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
     pool = TeacherPool.start("overhead", teacher_dir, replicas=1, num_cpus=1, threads=1)
-    loss = {"ce_weight": 0.5, "k": K, "prefetch": 2, "teachers": [
-        {"name": "overhead", "stage": "T", "replicas": 1, "weight": 1.0, "temperature": T, "coupled": False}]}
-    val_metrics = fit_stage("overhead", student_dir, work / "out", ds, val,
-                            TrainConfig(epochs=1, batch_size=batch, log_every=1000), loss,
-                            Resources(num_workers=1, cpus_per_worker=1), work / "ray", 0, None)
+    loss = default_stage_loss([{"stage": "T", "pool": "overhead", "replicas": 1, "temperature": T}], ce_weight=0.5,
+                              k=K, prefetch=2)
+    res = Resources(num_workers=1, cpus_per_worker=1)
+    cfg = RunConfig(levels={"S": {}}, direct={"levels": ["S"]}, resources=res)
+    plan = StagePlan("overhead", "S", "ppod", None, TrainConfig(epochs=1, batch_size=batch, log_every=1000))
+    sets = train_datasets(ds, None)
+    job = stage_job(cfg, plan, student_dir, work / "out", loss, sets, ds.count(), None)
+    val_metrics = fit_stage("overhead", job, sets, val, res, work / "ray")
     pool.shutdown()
     ray.shutdown()
     return val_metrics["train_samples_per_s"]

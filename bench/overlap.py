@@ -2,7 +2,7 @@
 
 Runs the same distillation steps (student in this process, one thread; teacher in a Ray actor, one thread —
 separate CPU shares) with prefetch depth 0 and with depth 1 and 2, through the training loop's own
-`StageLoss`, and prints step time / max(teacher time, student time) for each: 1.0 is perfect overlap,
+`TeacherRequests` + `StageObjective`, and prints step time / max(teacher time, student time) for each: 1.0 is perfect overlap,
 (teacher + student) / max(...) is none.
 
     python bench/overlap.py [--steps 30] [--batch 16]
@@ -23,7 +23,10 @@ from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units
 from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
-from workers.train_loop import StageLoss, answer_logits
+from orchestrator.stages import default_stage_loss
+from workers.inference import answer_logits
+from workers.objectives import StageObjective
+from workers.teacher_requests import TeacherRequests
 
 
 
@@ -51,13 +54,13 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = {"teacher_s": teacher_s}
     for depth in (None, 0, 1, 2):  # None: student alone, on cached teacher outputs
-        loss_fn = StageLoss({"ce_weight": 0.5, "k": 16, "prefetch": depth or 0,
-                             "teachers": [{"name": "overlap", "stage": "T", "replicas": 1, "weight": 1.0,
-                                           "temperature": 4.0}]}, label_ids)
-        pairs = zip(batches, cached) if depth is None else loss_fn.with_teacher_outputs(batches)
+        cfg = default_stage_loss([{"stage": "T", "pool": "overlap", "replicas": 1, "temperature": 4.0}],
+                                 ce_weight=0.5, k=16, prefetch=depth or 0)
+        loss_fn, requests = StageObjective(cfg, label_ids), TeacherRequests(cfg)
+        pairs = zip(batches, cached) if depth is None else requests.with_teacher_outputs(batches)
         t0 = time.perf_counter()
         for b, pending in pairs:
-            outs = pending if depth is None else loss_fn.wait(pending)[0]
+            outs = pending if depth is None else requests.wait(pending)[0]
             loss, _ = loss_fn(answer_logits(model, b), b["target"], outs)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -32,7 +32,7 @@ from workers.models import (HKDProcessor, LevelShape, build_level, build_tokeniz
                             load_model_dir)
 from workers.prompts import collate, encode_units, expand_units  # noqa: E402
 from workers.teacher import from_wire, wire_outputs  # noqa: E402
-from workers.train_loop import answer_logits  # noqa: E402
+from workers.inference import answer_logits  # noqa: E402
 
 KS = (4, 16, 64)
 TEMPERATURES = (1.0, 4.0)

@@ -8,6 +8,7 @@ without its mapping shift.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def share_finished(source: Path, target: Path, cfg: RunConfig) -> list[str]:
     shared = []
     for name, fingerprint in fingerprints(cfg, plan_stages(cfg)).items():
         done = source / "stages" / f"{name}.json"
-        if done.is_file() and f'"fingerprint": "{fingerprint}"' in done.read_text():
+        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
             _link(model_dir(source, name), model_dir(target, name))
             shutil.copyfile(done, target / "stages" / f"{name}.json")
             shared.append(name)

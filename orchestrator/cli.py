@@ -223,22 +223,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from workers.calibration import calibrate, store_shift
     from workers.data import load_jsonl
-    from workers.evaluate import score_records
+    from workers.evaluate import calibrate_model
 
     _check_model_dir(args.model_dir)
     records = [r for path in args.files for r in load_jsonl(path, require_labels=True)]
-    scored = score_records(args.model_dir, records, shift={}, tta=args.tta)
-    tasks = np.array([u["task"] for u in scored["units"]])
-    targets = np.array([u["target"] for u in scored["units"]])
-    results = {t: calibrate(scored["margin"][tasks == t], targets[tasks == t]) for t in sorted(set(tasks.tolist()))}
-    store_shift(args.model_dir, {t: r["offset"] for t, r in results.items()})
+    shift = calibrate_model(args.model_dir, records, tta=args.tta)
     print(f"{'task':<14} {'n':>6} {'offset':>9} {'f1 before':>10} {'f1 after':>9} {'ece before':>11} {'ece after':>10}")
-    for t, r in results.items():
-        print(f"{t:<14} {int(np.sum(tasks == t)):>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
+    for t, r in shift["val"].items():
+        print(f"{t:<14} {shift['n'][t]:>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
               f"{r['f1_after']:>9.4f} {r['ece_before']:>11.4f} {r['ece_after']:>10.4f}")
     print(f"mapping shift stored in {Path(args.model_dir) / 'hkd.json'}")
 

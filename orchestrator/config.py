@@ -6,15 +6,17 @@ overrides go through the same validation as the file.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from workers.augment import AugmentConfig
 from workers.data import DataError, decode_utf8
+from workers.models import LevelShape
 
 
 class ConfigError(ValueError):
@@ -62,32 +64,35 @@ class DataConfig(Strict):
         return self
 
 
-class LevelConfig(Strict):
-    """A pyramid level: a tiny shape built offline, or `path` to any HF Qwen2.5-VL dir (or hub name)."""
+def fields_of(dc: type) -> dict[str, Any]:
+    """A worker dataclass's fields as pydantic field definitions (`create_model`): type, default, and the
+    bounds and description its field metadata carries. The dataclass stays the one source of both."""
+    hints = get_type_hints(dc)
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("doc"), **f.metadata.get("bounds", {})))
+            for f in dataclasses.fields(dc)}
+
+
+class _LevelPlace(Strict):
+    """A pyramid level: a tiny shape built offline (`workers.models.LevelShape`'s fields, defaults and bounds),
+    or `path` to any HF Qwen2.5-VL dir (or hub name)."""
 
     path: str | None = None
     trust_remote_code: bool = Field(False, description="let this level's model dir run its own Python code")
-    hidden: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
-    kv_heads: int = Field(1, ge=1)
-    intermediate: int = Field(352, ge=8)
-    vision_hidden: int = Field(96, ge=8)
-    vision_depth: int = Field(1, ge=1)
-    vision_heads: int = Field(2, ge=1)
-    init_std: float | None = Field(None, gt=0, description="weight init std; default 1/sqrt(hidden)")
     teacher_gpus: float | None = Field(None, ge=0, description="GPU share per teacher replica of this level; "
                                                                "default teachers.num_gpus")
 
     def shape_fields(self) -> dict[str, Any]:
         """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
-        return self.model_dump(exclude={"path", "teacher_gpus", "trust_remote_code"})
+        return self.model_dump(include={f.name for f in dataclasses.fields(LevelShape)})
 
     @model_validator(mode="after")
     def _divisible(self) -> LevelConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden must divide by heads, heads by kv_heads, vision_hidden by vision_heads")
         return self
+
+
+LevelConfig = create_model("LevelConfig", __base__=_LevelPlace, __doc__=_LevelPlace.__doc__, **fields_of(LevelShape))
 
 
 class LoraSettings(Strict):
@@ -142,6 +147,15 @@ class TeacherRef(Strict):
     weight: float = Field(1.0, ge=0)
 
 
+class KDSettings(Strict):
+    """The divergence of a distillation stage's KD terms, over the teachers' top-k + tail buckets
+    (`workers.objectives.kd_divergence`): forward KL (mean-seeking, the default), reverse KL (mode-seeking) or
+    the generalised JSD with mixture weight `beta` (0: forward KL, 1: reverse KL), as in TRL's GKD."""
+
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD's mixture weight (kd_loss: jsd)")
+
+
 class PPODStage(Strict):
     """Distil one pyramid level from the trained level(s) above it."""
 
@@ -149,7 +163,7 @@ class PPODStage(Strict):
     teachers: list[TeacherRef] = Field(min_length=1)
 
 
-class PPODConfig(Strict):
+class PPODConfig(KDSettings):
     """Pyramid-like progressive online distillation: coarse alignment at a high temperature, level by level."""
 
     enabled: bool = True
@@ -159,7 +173,7 @@ class PPODConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class TCRDConfig(Strict):
+class TCRDConfig(KDSettings):
     """Ternary-coupled refinement: ground truth + top teacher + assistant, each KD coupled, low temperature."""
 
     enabled: bool = True
@@ -221,23 +235,18 @@ class Placement(Strict):
         return self
 
 
-class AugmentSection(Strict):
+class _AugmentSwitch(Strict):
     """Label-preserving augmentation of the training records (`workers/augment.py`), fresh each epoch and
-    deterministic per (record id, epoch, seed). Off by default; the fields mirror `AugmentConfig`."""
+    deterministic per (record id, epoch, seed). Off by default; the other fields are `AugmentConfig`'s."""
 
     enabled: bool = False
-    crop: bool = True
-    crop_scale: float = Field(0.15, ge=0, lt=1)
-    flip: bool = True
-    flip_p: float = Field(0.5, ge=0, le=1)
-    jitter: bool = True
-    brightness: float = Field(0.2, ge=0, lt=1)
-    contrast: float = Field(0.2, ge=0, lt=1)
-    shuffle_options: bool = True
-    paraphrase: bool = True
 
     def transforms(self) -> AugmentConfig:
         return AugmentConfig(**self.model_dump(exclude={"enabled"}))
+
+
+AugmentSection = create_model("AugmentSection", __base__=_AugmentSwitch, __doc__=_AugmentSwitch.__doc__,
+                              **fields_of(AugmentConfig))
 
 
 class CacheConfig(Strict):

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import ray
 import ray.data
 
@@ -18,19 +17,20 @@ from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import stage_bar, step_bar
 from orchestrator.report import write_report
-from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fingerprints, fit_grounding, fit_stage,
-                                 loss_config, mark_done, plan_stages, stage_done, stage_tracking)
+from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode_split, fingerprints, fit_grounding,
+                                 fit_stage,
+                                 loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
+                                 stage_tracking, train_datasets)
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
-from workers.calibration import calibrate, store_shift
 from workers.data import DataError, load_jsonl, scan_file
-from workers.evaluate import score_records, shifted
+from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
 from workers.lengths import context_length, too_long
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
-from workers.prompts import encode_units, expand_units
+from workers.prompts import expand_units
 from workers.teacher import TeacherPool, check_compatible
 
 
@@ -179,17 +179,6 @@ def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
-def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
-    """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
-    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
-    units = expand_units(records)
-    ds = ray.data.from_items(units).map_batches(
-        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
-    )
-    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
-    return ds.materialize()
-
-
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
            encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str, pools: dict, log) -> dict:
     """Train, test and record one stage, unless an earlier attempt already finished it."""
@@ -213,13 +202,13 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
                                     run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
-                loss = loss_config(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
-                                   cache_root(cfg, run_dir))
-                log_params(flatten({"stage": plan.train.model_dump(), "loss": loss}))
-                val = fit_stage(plan.name, init_dir, out_dir, encoded["train"], encoded["val"], plan.train, loss,
-                                cfg.resources, run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement,
-                                epoch_ds=augmented_epochs(cfg, plan.train, splits["train"], init_dir),
-                                trust_remote_code=remote_code)
+                loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
+                                  cache_root(cfg, run_dir))
+                log_params(flatten({"stage": plan.train.model_dump(), "loss": loss_params(loss)}))
+                sets = train_datasets(encoded["train"], augmented_epochs(cfg, plan.train, splits["train"], init_dir))
+                job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded["train"].count(),
+                                stage_tracking(uri), progress)
+                val = fit_stage(plan.name, job, sets, encoded["val"], cfg.resources, run_dir / "ray", cfg.placement)
                 mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
                                     for t in plan.teachers})
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
@@ -239,7 +228,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
 def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> dict:
     """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
     scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
-    shift = calibrate_model(out_dir, splits["val"], remote_code)
+    shift = calibrate_model(out_dir, splits["val"], threads=os.cpu_count(), trust_remote_code=remote_code)
     with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
     model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
     mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
@@ -265,19 +254,6 @@ def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: 
                                                  resources=cfg.placement.teacher,
                                                  trust_remote_code=cfg.levels[t["level"]].trust_remote_code)
     return names
-
-
-def calibrate_model(model_dir: Path, val_records: list[dict], trust_remote_code: bool = False) -> dict:
-    """Mapping shift: per-task offset on the label-word margin that maximises validation macro-F1,
-    stored in the model dir (used by `hkd evaluate` and `hkd predict`)."""
-    scored = score_records(model_dir, val_records, threads=os.cpu_count(), shift={},
-                           trust_remote_code=trust_remote_code)
-    tasks = np.array([u["task"] for u in scored["units"]])
-    targets = np.array([u["target"] for u in scored["units"]])
-    per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in sorted(set(tasks))}
-    offsets = {task: c["offset"] for task, c in per_task.items()}
-    store_shift(model_dir, offsets)
-    return {"offsets": offsets, "val": per_task}
 
 
 def model_dir(run_dir: Path, stage: str) -> Path:

@@ -1,7 +1,7 @@
 """Terminal progress bars: one over a run's stages, one over the running stage's steps.
 
 Steps happen inside Ray Train workers whose output is not a terminal, so rank 0 writes its step count
-to a small file in the stage's storage (`workers.train_loop`) and the driver polls it. Quiet when stderr
+to a small file in the stage's storage (`workers.step_log`) and the driver polls it. Quiet when stderr
 is not a TTY or `CI` is set.
 """
 

@@ -2,66 +2,80 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import ConfigError, Placement, PretrainConfig, Resources, RunConfig, TrainConfig
+from orchestrator.config import (ConfigError, KDSettings, Placement, PretrainConfig, Resources, RunConfig,
+                                 TCRDConfig, TeacherResources, TrainConfig)
 from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
+from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherSpec, TrainSettings
 from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
 from workers.epoch_data import epoch_datasets
 from workers.models import HKDProcessor
+from workers.prompts import encode_units, expand_units
 from workers.train_loop import train_loop_per_worker
 
 MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
 
 
-def fit_stage(name: str, init_dir: Path, out_dir: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset,
-              train: TrainConfig, loss: dict, res: Resources, storage: Path, seed: int,
-              tracking: dict | None, progress: Path | None = None, placement: Placement | None = None,
-              epoch_ds: list[ray.data.Dataset] | None = None, callbacks: list | None = None,
-              trust_remote_code: bool = False) -> dict:
-    """Run one task stage's TorchTrainer; returns rank 0's final validation metrics. Resumes from the
-    stage's own latest checkpoint when its storage already holds one (a re-run after a crash). Rank 0
-    writes its step count to `progress` (the driver's step bar).
+def fit_stage(name: str, job: StageJob, train_sets: dict[str, ray.data.Dataset], val_ds: ray.data.Dataset,
+              res: Resources, storage: Path, placement: Placement | None = None,
+              callbacks: list | None = None) -> dict:
+    """Run one task stage's TorchTrainer on `job` (`stage_job`); returns rank 0's final validation metrics.
+    Resumes from the stage's own latest checkpoint when its storage already holds one (a re-run after a crash).
 
-    `epoch_ds` (augmentation): one training dataset per epoch, used instead of `train_ds` (which still gives
-    the unit count); `callbacks`: Ray Train callbacks (a sweep trial passes Tune's report callback)."""
-    train_sets = {f"train_{e}": ds for e, ds in enumerate(epoch_ds)} if epoch_ds else {"train": train_ds}
-    config = {"train": train.model_dump(), "loss": loss, "n_units": train_ds.count(), "train_sets": list(train_sets),
-              "trust_remote_code": trust_remote_code}
-    return _fit(train_loop_per_worker, name, init_dir, out_dir, config, res, storage, seed, tracking, progress,
-                placement, datasets={**train_sets, "val": val_ds}, callbacks=callbacks)
+    `train_sets`: the training datasets by the names `job.train_sets` gives (`train_datasets`); `callbacks`:
+    Ray Train callbacks (a sweep trial passes Tune's report callback)."""
+    return _fit(train_loop_per_worker, name, {"job": job}, res, storage, placement,
+                datasets={**train_sets, "val": val_ds}, callbacks=callbacks)
+
+
+def train_datasets(train_ds: ray.data.Dataset, epoch_ds: list[ray.data.Dataset] | None) -> dict[str, ray.data.Dataset]:
+    """The stage's training datasets by name: one per epoch when augmenting (`epoch_ds`), else `train_ds`."""
+    return {f"train_{e}": ds for e, ds in enumerate(epoch_ds)} if epoch_ds else {"train": train_ds}
+
+
+def stage_job(cfg: RunConfig, plan: StagePlan, init_dir: Path, out_dir: Path, loss: StageLossConfig,
+              train_sets: dict[str, ray.data.Dataset], n_units: int, tracking: dict | None,
+              progress: Path | None = None) -> StageJob:
+    """The typed job of one task stage, built once from the validated config (workers add no defaults)."""
+    return StageJob(model_dir=str(init_dir), out_dir=str(out_dir), train=train_settings(plan.train), loss=loss,
+                    n_units=n_units, train_sets=tuple(train_sets), threads=torch_threads(cfg.resources),
+                    seed=cfg.seed, tracking=tracking, progress=str(progress) if progress else None,
+                    trust_remote_code=cfg.levels[plan.level].trust_remote_code)
+
+
+def train_settings(train: TrainConfig) -> TrainSettings:
+    return TrainSettings(**train.model_dump())
 
 
 def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainConfig, spec: SynthSpec,
                   res: Resources, storage: Path, seed: int, tracking: dict | None,
                   progress: Path | None = None, placement: Placement | None = None) -> dict:
     """Run one grounding pre-training stage (no dataset: scenes are generated per step)."""
-    return _fit(grounding_loop_per_worker, name, init_dir, out_dir, {"train": pretrain.model_dump(), "spec": spec},
-                res, storage, seed, tracking, progress, placement, datasets=None)
+    config = {"train": pretrain.model_dump(), "spec": spec, "model_dir": str(init_dir), "out_dir": str(out_dir),
+              "threads": torch_threads(res), "seed": seed, "tracking": tracking,
+              "progress": str(progress) if progress else None}
+    return _fit(grounding_loop_per_worker, name, config, res, storage, placement, datasets=None)
 
 
-def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Resources, storage: Path, seed: int,
-         tracking: dict | None, progress: Path | None, placement: Placement | None, datasets: dict | None,
-         callbacks: list | None = None) -> dict:
+def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement: Placement | None,
+         datasets: dict | None, callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         loop,
-        train_loop_config={
-            **config, "model_dir": str(init_dir), "out_dir": str(out_dir), "threads": torch_threads(res),
-            "seed": seed, "tracking": tracking, "progress": str(progress) if progress else None,
-        },
+        train_loop_config=config,
         scaling_config=scaling(res, placement),
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
@@ -81,16 +95,45 @@ def _fit(loop, name: str, init_dir: Path, out_dir: Path, config: dict, res: Reso
     return result.return_value or {}
 
 
-def loss_config(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str) -> dict:
-    """What the train loop's `StageLoss` needs: weights, temperatures, teacher pools by name, the cache."""
-    loss = {"ce_weight": plan.ce_weight, "k": cfg.teachers.k, "prefetch": cfg.teachers.prefetch,
-            "call_retries": cfg.teachers.call_retries,
-            "sharpness": plan.sharpness,
-            "teachers": [{**t, "name": pool_names[t["stage"]], "replicas": cfg.teachers.replicas}
-                         for t in plan.teachers]}
-    if cfg.cache.enabled and plan.teachers:
-        loss["cache"] = {"root": cache_root, "max_bytes": int(cfg.cache.max_gb * 2**30)}
-    return loss
+def stage_loss(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str) -> StageLossConfig:
+    """The stage's objective and teacher traffic (`workers.objectives`, `workers.teacher_requests`): weights,
+    temperatures, divergence, teacher pools by name, the cache."""
+    teachers = tuple(TeacherSpec(stage=t["stage"], level=t["level"], pool=pool_names[t["stage"]],
+                                 replicas=cfg.teachers.replicas, weight=t["weight"], temperature=t["temperature"],
+                                 coupled=t["coupled"]) for t in plan.teachers)
+    cache = (CacheSpec(cache_root, int(cfg.cache.max_gb * 2**30)) if cfg.cache.enabled and plan.teachers else None)
+    return StageLossConfig(kind=plan.kind, ce_weight=plan.ce_weight, kd_loss=plan.kd.kd_loss, beta=plan.kd.beta,
+                           k=cfg.teachers.k, prefetch=cfg.teachers.prefetch, call_retries=cfg.teachers.call_retries,
+                           sharpness=plan.sharpness, teachers=teachers, cache=cache)
+
+
+def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
+    """A stage loss with the run config's defaults, for benches and tests that drive the workers without a run:
+    `teachers` are dicts with at least `stage` and `pool` (otherwise one uncoupled teacher at T=1); `over` sets
+    any other field. Kind `ppod` with teachers, `direct` without."""
+    tr, tcrd = TeacherResources(), TCRDConfig()
+    specs = tuple(TeacherSpec(**{"level": "T", "replicas": tr.replicas, "weight": 1.0, "temperature": 1.0,
+                                 "coupled": False, **t}) for t in teachers)
+    base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **KDSettings().model_dump(), "k": tr.k,
+            "prefetch": tr.prefetch, "call_retries": tr.call_retries, "sharpness": tcrd.sharpness,
+            "teachers": specs, "cache": None}
+    return StageLossConfig(**{**base, **over})
+
+
+def loss_params(loss: StageLossConfig) -> dict:
+    """The stage loss as MLflow params (teachers as a list, as the run config writes lists)."""
+    return {**dataclasses.asdict(loss), "teachers": [dataclasses.asdict(t) for t in loss.teachers]}
+
+
+def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
+    """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
+    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
+    units = expand_units(records)
+    ds = ray.data.from_items(units).map_batches(
+        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
+    )
+    ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
+    return ds.materialize()
 
 
 def cache_root(cfg: RunConfig, run_dir: Path) -> str:
@@ -149,6 +192,8 @@ def mark_done(stage_file: Path, result: dict) -> None:
 
 def stage_tracking(uri: str) -> dict:
     """Tracking coordinates handed to rank 0 of the active (nested) MLflow run."""
+    import mlflow  # here, not at import: the GPU bench drives stages on machines without MLflow
+
     return {"uri": uri, "run_id": mlflow.active_run().info.run_id}
 
 
@@ -164,6 +209,7 @@ class StagePlan:
     ce_weight: float = 1.0
     teachers: list[dict] = field(default_factory=list)  # {stage, level, weight, temperature, coupled}
     sharpness: float = 10.0
+    kd: KDSettings = field(default_factory=KDSettings)  # the divergence of the KD terms
 
 
 def plan_stages(cfg: RunConfig) -> list[StagePlan]:
@@ -183,7 +229,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
             teachers = [{"stage": _need(latest, t.level, "ppod"), "level": t.level, "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
             plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", ground.get(st.student), cfg.ppod.train,
-                                   cfg.ppod.ce_weight, teachers))
+                                   cfg.ppod.ce_weight, teachers, kd=_kd(cfg.ppod)))
             latest[st.student] = plans[-1].name
     if cfg.tcrd.enabled:
         tc = cfg.tcrd
@@ -192,7 +238,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         teachers = [{"stage": _need(latest, lv, "tcrd"), "level": lv, "weight": w, "temperature": tc.temperature,
                      "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
-                               tc.sharpness))
+                               tc.sharpness, _kd(tc)))
     return plans
 
 
@@ -207,10 +253,16 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
         deps = ([out[p.init]] if p.init else []) + [out[t["stage"]] for t in p.teachers]
         plan = {"name": p.name, "kind": p.kind, "train": p.train.model_dump(), "ce_weight": p.ce_weight,
                 "teachers": p.teachers, "sharpness": p.sharpness}
+        if p.kd != KDSettings():  # only a non-default divergence enters: runs from before `kd_loss` keep theirs
+            plan["kd"] = p.kd.model_dump()
         blob = json.dumps({"run": run, "level": cfg.levels[p.level].model_dump(), "plan": plan, "deps": deps},
                           sort_keys=True)
         out[p.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
+
+
+def _kd(section: KDSettings) -> KDSettings:
+    return KDSettings(**section.model_dump(include=set(KDSettings.model_fields)))
 
 
 def _need(latest: dict[str, str], level: str, section: str) -> str:

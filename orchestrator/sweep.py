@@ -24,9 +24,10 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.orphans import OrphanReaper
-from orchestrator.pipeline import encode_split, load_splits, model_dir, start_teachers
+from orchestrator.pipeline import load_splits, model_dir, start_teachers
 from orchestrator.placement import init_ray
-from orchestrator.stages import augmented_epochs, cache_root, fit_stage, loss_config
+from orchestrator.stages import (augmented_epochs, cache_root, encode_split, fit_stage, loss_params, stage_job, stage_loss,
+                                 train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
 from workers.models import HKDProcessor
@@ -136,17 +137,17 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
 
     cfg, plan = ctx.sweep.trial_config(values)
     trial_id = tune.get_context().get_trial_id()
-    loss = loss_config(cfg, plan, ctx.pool_names, ctx.cache_root)
+    loss = stage_loss(cfg, plan, ctx.pool_names, ctx.cache_root)
     client = MlflowClient(ctx.uri)
     run_id = client.create_run(ctx.experiment_id, run_name=f"trial-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_id, "trial_id": trial_id, "stage": plan.name}).info.run_id
-    log_params(flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss}), client, run_id)
+    log_params(flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss_params(loss)}), client, run_id)
     try:
-        result = fit_stage(f"{plan.name}-{trial_id}", ctx.init_dir, ctx.out_dir / "trials" / trial_id, train_ds,
-                           val_ds, plan.train, loss, cfg.resources, ctx.out_dir / "train", cfg.seed,
-                           {"uri": ctx.uri, "run_id": run_id}, placement=cfg.placement,
-                           epoch_ds=augmented_epochs(cfg, plan.train, ctx.records, ctx.init_dir),
-                           callbacks=[TuneReportCallback()])
+        sets = train_datasets(train_ds, augmented_epochs(cfg, plan.train, ctx.records, ctx.init_dir))
+        job = stage_job(cfg, plan, ctx.init_dir, ctx.out_dir / "trials" / trial_id, loss, sets, train_ds.count(),
+                        {"uri": ctx.uri, "run_id": run_id})
+        result = fit_stage(f"{plan.name}-{trial_id}", job, sets, val_ds, cfg.resources, ctx.out_dir / "train",
+                           cfg.placement, callbacks=[TuneReportCallback()])
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

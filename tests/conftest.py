@@ -46,3 +46,11 @@ def _own_tracking_store(monkeypatch):
     """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which `hkd run` honours: no test may inherit
     another test's tracking store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+
+def stage_loss_config(teachers: list[dict] = (), **over):
+    """`orchestrator.stages.default_stage_loss` (the run config's defaults), for tests that drive the workers."""
+    from orchestrator.stages import default_stage_loss
+
+    return default_stage_loss(teachers, **over)

@@ -18,7 +18,9 @@ from workers.losses import teacher_topk
 from workers.models import HKDProcessor, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
 from workers.teacher import TeacherPool
-from workers.train_loop import StageLoss, answer_logits
+from tests.conftest import stage_loss_config
+from workers.inference import answer_logits
+from workers.teacher_requests import TeacherRequests
 
 CFG = AugmentConfig(flip_p=0.5)
 
@@ -72,8 +74,7 @@ def test_teacher_answers_the_batch_the_student_trains_on(ray_session, records, t
     augmented = _encode(records[:6], processor, epoch=0)
     batches = [collate({k: v[i:i + 4] for k, v in augmented.items()}, pad, img) for i in (0, 4)]
     pool = TeacherPool.start("online-aug", tiny_model_dir, replicas=1, num_cpus=0.5)
-    loss = StageLoss({"k": 8, "prefetch": 1, "teachers": [
-        {"name": "online-aug", "stage": "T", "replicas": 1, "weight": 1.0, "temperature": 1.0}]}, label_ids=(0, 1))
+    loss = TeacherRequests(stage_loss_config([{"pool": "online-aug", "stage": "T"}], k=8, prefetch=1))
     plain = encode_units(expand_units(records[:6]), processor)
     plain_by_uid = {u: i for i, u in enumerate(plain["uid"])}
     for batch, pending in loss.with_teacher_outputs(iter(batches)):

@@ -10,7 +10,7 @@ from orchestrator.config import ConfigError, LoraSettings, load_config
 from workers.lora import ADAPTER_DIR, add_lora
 from workers.models import load_model_dir, save_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits
+from workers.inference import answer_logits
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from workers.losses import (
     reverse_kl,
     teacher_topk,
     topk_forward_kl,
+    topk_jsd,
+    topk_reverse_kl,
 )
 
 N, V = 6, 32
@@ -325,3 +327,77 @@ def test_coupling_weights_floor_sharpness_and_detach() -> None:
         coupling_weights(p, targets, sharpness=0.0)
     with pytest.raises(ValueError):
         coupling_weights(p, targets, floor=1.5)
+
+
+# --------------------------------------------------------------------------- top-k + tail reverse KL and JSD
+
+
+def _ref_topk_buckets(student: torch.Tensor, teacher: torch.Tensor, k: int, temperature: float):
+    p, q = _probs(teacher, temperature), _probs(student, temperature)
+    ids = p.topk(k, dim=-1).indices
+    p_top, q_top = p.gather(-1, ids), q.gather(-1, ids)
+    p_b = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+    q_b = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+    return p_b, q_b
+
+
+@pytest.mark.parametrize("k", [1, 4, 31])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_reverse_kl_and_jsd_match_bucket_formulas(k: int, temperature: float) -> None:
+    s, t = _logits(30), _logits(31)
+    wire = _exact_topk(t, k, temperature)
+    p_b, q_b = _ref_topk_buckets(s, t, k, temperature)
+    torch.testing.assert_close(topk_reverse_kl(s, *wire, temperature, reduction="none"),
+                               _ref_kl(q_b, p_b) * temperature**2, rtol=1e-9, atol=1e-12)
+    for beta in (0.1, 0.5, 0.9):
+        torch.testing.assert_close(topk_jsd(s, *wire, beta, temperature, reduction="none"),
+                                   _ref_jsd(p_b, q_b, beta) * temperature**2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_reverse_kl_and_jsd_with_full_vocab_equal_full_forms(temperature: float) -> None:
+    """k == V: the tail bucket is empty on both sides and the top-k forms are the full-vocabulary losses."""
+    s, t = _logits(32).requires_grad_(), _logits(33)
+    wire = _exact_topk(t, V, temperature)
+    pairs = [(topk_reverse_kl(s, *wire, temperature, reduction="none"),
+              reverse_kl(s, t, temperature, reduction="none"))]
+    pairs += [(topk_jsd(s, *wire, beta, temperature, reduction="none"), jsd(s, t, beta, temperature, reduction="none"))
+              for beta in (0.0, 0.3, 0.5, 1.0)]
+    for got, full in pairs:
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-12)
+        (g_got,) = torch.autograd.grad(got.sum(), s)
+        (g_full,) = torch.autograd.grad(full.sum(), s)
+        assert torch.isfinite(g_got).all()
+        torch.testing.assert_close(g_got, g_full, rtol=0, atol=1e-12)
+    # Through the fp16 wire end to end, float32 student: only fp16 rounding separates them.
+    s32, t32 = s.detach().float(), t.float()
+    fp16 = teacher_topk(t32, V, temperature)
+    torch.testing.assert_close(topk_reverse_kl(s32, *fp16, temperature, reduction="none").double(),
+                               reverse_kl(s.detach(), t, temperature, reduction="none"), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(topk_jsd(s32, *fp16, 0.5, temperature, reduction="none").double(),
+                               jsd(s.detach(), t, 0.5, temperature, reduction="none"), rtol=1e-2, atol=1e-3)
+
+
+def test_topk_jsd_endpoints_are_the_topk_kls() -> None:
+    s, t = _logits(34), _logits(35)
+    wire = _exact_topk(t, 5)
+    torch.testing.assert_close(topk_jsd(s, *wire, 0.0, reduction="none"),
+                               topk_forward_kl(s, *wire, reduction="none"), rtol=0, atol=0)
+    torch.testing.assert_close(topk_jsd(s, *wire, 1.0, reduction="none"),
+                               topk_reverse_kl(s, *wire, reduction="none"), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        topk_jsd(s, *wire, 1.5)
+
+
+def test_topk_forms_weights_and_student_only_gradients() -> None:
+    s = _logits(36, dtype=torch.float32).requires_grad_()
+    vals, ids, tail = teacher_topk(_logits(37, dtype=torch.float32), 5, 2.0)
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.25, 3.0])
+    for fn in (lambda **kw: topk_reverse_kl(s, vals, ids, tail, 2.0, **kw),
+               lambda **kw: topk_jsd(s, vals, ids, tail, 0.3, 2.0, **kw)):
+        plain = fn(reduction="none")
+        torch.testing.assert_close(fn(reduction="none", weights=w), w * plain)
+        loss = fn()
+        assert loss.dtype == torch.float32
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

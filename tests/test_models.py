@@ -16,7 +16,7 @@ from workers import synth
 from workers.models import (LABEL_WORDS, ModelDirError, build_tokenizer, check_same_tokenizer, label_word_ids,
                             load_model_dir, save_model_dir)
 from workers.prompts import collate, encode_units, expand_units, model_inputs
-from workers.train_loop import answer_logits, positive_prob
+from workers.inference import answer_logits, positive_prob
 
 
 def _batch(model_dir, records):

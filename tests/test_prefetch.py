@@ -10,7 +10,9 @@ from workers.losses import teacher_topk
 from workers.models import load_model_dir
 from workers.prompts import collate, encode_units, expand_units
 from workers.teacher import TeacherPool
-from workers.train_loop import StageLoss, answer_logits
+from tests.conftest import stage_loss_config
+from workers.inference import answer_logits
+from workers.teacher_requests import TeacherRequests
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,9 @@ def test_outputs_stay_with_their_batch(pool, tiny_model_dir, records, depth):
     units = expand_units(records)
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
     batches = [collate(encode_units(units[i:i + 3], processor), pad, img) for i in range(0, 18, 3)]
-    cfg = {"k": 8, "prefetch": depth, "teachers": [
-        {"name": "prefetch-test", "stage": "T", "replicas": 2, "weight": 1.0, "temperature": 2.0}]}
-    loss_fn = StageLoss(cfg, label_ids=(0, 1))
+    cfg = stage_loss_config([{"pool": "prefetch-test", "stage": "T", "replicas": 2, "temperature": 2.0}], k=8,
+                            prefetch=depth)
+    loss_fn = TeacherRequests(cfg)
     seen = []
     for batch, pending in loss_fn.with_teacher_outputs(iter(batches)):
         (out,), wait_s = loss_fn.wait(pending)
@@ -53,8 +55,7 @@ def test_requests_run_ahead_of_the_step(pool, tiny_model_dir, records):
             pulled.append(i)
             yield collate(encode_units(units[i:i + 3], processor), pad, img)
 
-    cfg = {"k": 4, "prefetch": 2, "teachers": [
-        {"name": "prefetch-test", "stage": "T", "replicas": 2, "weight": 1.0, "temperature": 1.0}]}
-    gen = StageLoss(cfg, label_ids=(0, 1)).with_teacher_outputs(source())
+    cfg = stage_loss_config([{"pool": "prefetch-test", "stage": "T", "replicas": 2}], k=4, prefetch=2)
+    gen = TeacherRequests(cfg).with_teacher_outputs(source())
     next(gen)
     assert len(pulled) == 3

@@ -17,7 +17,8 @@ from workers.losses import forward_kl, teacher_topk, topk_forward_kl
 from workers.models import build_level, build_tokenizer, label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
 from workers.teacher import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
-from workers.train_loop import _Request, answer_logits
+from workers.inference import answer_logits
+from workers.teacher_requests import TeacherRequest
 
 POOL = "t"
 
@@ -130,11 +131,11 @@ def test_tokenizer_mismatch_refused(ray_session, tiny_model_dir, tmp_path):
     check_compatible(tiny_model_dir, tiny_model_dir)
 
 
-def _request_to(pool: TeacherPool, batch: dict, retries: int, resends: list) -> _Request:
+def _request_to(pool: TeacherPool, batch: dict, retries: int, resends: list) -> TeacherRequest:
     """A teacher request for every row of `batch` (no cache), as the train loop makes it."""
     n = len(batch["input_ids"])
     send = functools.partial(pool.submit, to_numpy_inputs(batch), 4, 1.0)
-    return _Request(None, [str(i) for i in range(n)], [None] * n, list(range(n)), send, retries,
+    return TeacherRequest(None, [str(i) for i in range(n)], [None] * n, list(range(n)), send, retries,
                     lambda: resends.append(1))
 
 

@@ -16,7 +16,9 @@ from workers.models import load_model_dir
 from workers.prompts import collate, encode_units, expand_units
 from workers.teacher import Teacher, TeacherPool, dir_fingerprint, to_numpy_inputs
 from workers.teacher_cache import FIELDS, TeacherCache, merge, unit_key
-from workers.train_loop import StageLoss
+from tests.conftest import stage_loss_config
+from workers.contract import CacheSpec
+from workers.teacher_requests import TeacherRequests
 
 K, T = 8, 2.0
 MB = 1 << 20
@@ -114,13 +116,13 @@ def test_loop_sends_only_misses_to_the_teacher(tmp_path, tiny_model_dir, batch, 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pool = TeacherPool.start("cache-test", tiny_model_dir, replicas=1, num_cpus=0.5)
-        cfg = {"k": K, "prefetch": 1, "cache": {"root": str(tmp_path), "max_bytes": 10 * MB}, "teachers": [
-            {"name": "cache-test", "stage": "T", "replicas": 1, "weight": 1.0, "temperature": T}]}
+        cfg = stage_loss_config([{"pool": "cache-test", "stage": "T", "temperature": T}], k=K, prefetch=1,
+                                cache=CacheSpec(str(tmp_path), 10 * MB))
         keys, hit = _keys(batch), [0, 2, 3]
         full = teacher.infer(to_numpy_inputs(batch), K, T)
         TeacherCache(str(tmp_path), dir_fingerprint(tiny_model_dir), K, T, 10 * MB).put(
             [keys[i] for i in hit], {f: v[hit] for f, v in full.items()})
-        loss = StageLoss(cfg, label_ids=(0, 1))
+        loss = TeacherRequests(cfg)
         ((_, pending),) = list(loss.with_teacher_outputs(iter([batch])))
         (out,), _ = loss.wait(pending)
         assert pool.info()[0]["served_units"] == len(keys) - len(hit)

@@ -14,7 +14,8 @@ from orchestrator.config import LoraSettings
 from workers.lora import add_lora
 from workers.models import load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, load_train_state, save_train_state
+from workers.checkpoints import load_train_state, save_train_state
+from workers.inference import answer_logits
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +76,13 @@ def test_every_restart_logs_where_it_started(tmp_path, monkeypatch):
     import ray.train
     from pyarrow.fs import LocalFileSystem
 
-    from workers.train_loop import ATTEMPTS_FILE, _record_attempt
+    from workers.checkpoints import ATTEMPTS_FILE, record_attempt
 
     storage = types.SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(tmp_path))
     monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
     logged = []
     logger = types.SimpleNamespace(log=lambda step, values, every: logged.append((step, values)))
     for step, rank in [(0, 0), (0, 1), (0, 0), (77, 0)]:  # first attempt; then from scratch; then resumed
-        _record_attempt(logger, step, rank)
+        record_attempt(logger, step, rank)
     assert logged == [(0, {"resumed_from_step": 0}), (77, {"resumed_from_step": 77})]
     assert (tmp_path / ATTEMPTS_FILE).read_text() == "3"

@@ -29,7 +29,8 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,19 +52,25 @@ class AugmentConfig:
     """Which transforms run and how strong they are; part of every aug_key."""
 
     crop: bool = True
-    crop_scale: float = 0.15  # crop side drawn from [1 - crop_scale, 1] of the image side
+    crop_scale: float = dataclasses.field(default=0.15, metadata={"bounds": {"ge": 0, "lt": 1}})  # side from [1 - s, 1]
     flip: bool = True
-    flip_p: float = 0.5
+    flip_p: float = dataclasses.field(default=0.5, metadata={"bounds": {"ge": 0, "le": 1}})
     jitter: bool = True
-    brightness: float = 0.2  # factor drawn from [1 - brightness, 1 + brightness]
-    contrast: float = 0.2
+    brightness: float = dataclasses.field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})  # factor from [1 - b, 1 + b]
+    contrast: float = dataclasses.field(default=0.2, metadata={"bounds": {"ge": 0, "lt": 1}})
     shuffle_options: bool = True
     paraphrase: bool = True
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.crop_scale < 1.0 and 0.0 <= self.flip_p <= 1.0
-                and 0.0 <= self.brightness < 1.0 and 0.0 <= self.contrast < 1.0):
+        if not all(within(getattr(self, f.name), f.metadata.get("bounds", {})) for f in fields(self)):
             raise ValueError(f"invalid AugmentConfig: {self}")
+
+
+def within(value: float, bounds: dict[str, float]) -> bool:
+    """`value` inside pydantic-style bounds (`ge`, `gt`, `le`, `lt`), the ones `orchestrator.config` enforces too."""
+    checks = {"ge": value >= bounds.get("ge", value), "gt": "gt" not in bounds or value > bounds["gt"],
+              "le": value <= bounds.get("le", value), "lt": "lt" not in bounds or value < bounds["lt"]}
+    return all(checks.values())
 
 
 def augment_fingerprint(cfg: AugmentConfig) -> str:

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from workers.calibration import flip_text, load_shift, sigmoid
+from workers.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
 from workers.data import load_rgb
 from workers.metrics import binary_metrics
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate, encode_units, expand_units
-from workers.train_loop import answer_logits, task_metrics
+from workers.inference import answer_logits, task_metrics
 
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,
@@ -49,6 +49,21 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     elapsed = time.perf_counter() - start
     return {"units": units, "margin": margin, **shifted(units, margin, shift),
             "samples_per_s": len(units) / max(elapsed, 1e-9)}
+
+
+def calibrate_model(model_dir: str | Path, records: list[dict], threads: int | None = None, tta: bool = False,
+                    trust_remote_code: bool = False) -> dict:
+    """Mapping shift: per-task offset on the label-word margin that maximises macro-F1 on labelled `records`
+    (`calibration.calibrate`), stored in the model dir (used by `hkd evaluate` and `hkd predict`).
+    Returns {offsets: {task: b}, val: {task: calibrate's result}, n: {task: units}}."""
+    scored = score_records(model_dir, records, threads=threads, shift={}, tta=tta, trust_remote_code=trust_remote_code)
+    tasks = np.array([u["task"] for u in scored["units"]])
+    targets = np.array([u["target"] for u in scored["units"]])
+    names = sorted(set(tasks.tolist()))
+    per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in names}
+    offsets = {task: c["offset"] for task, c in per_task.items()}
+    store_shift(model_dir, offsets)
+    return {"offsets": offsets, "val": per_task, "n": {task: int(np.sum(tasks == task)) for task in names}}
 
 
 def shifted(units: list[dict], margin: np.ndarray, shift: dict[str, float]) -> dict:

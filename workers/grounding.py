@@ -81,7 +81,10 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from workers.train_loop import _record_attempt, _report, _resume, _StepLogger, lr_at, to_device
+    from workers.checkpoints import record_attempt, report_checkpoint, resume
+    from workers.inference import to_device
+    from workers.optim import adamw, set_lr, update
+    from workers.step_log import StepLogger
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     ctx = ray.train.get_context()
@@ -90,8 +93,8 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
     torch.manual_seed(seed + rank)
     device = ray.train.torch.get_device()
     model, processor = load_model_dir(cfg["model_dir"], device=str(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    step = _resume(model, optimizer)
+    optimizer = adamw(model, tc["lr"], tc["weight_decay"])
+    step = resume(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     total, warmup = tc["steps"], max(1, int(tc["warmup_ratio"] * tc["steps"]))
     every = max(1, total // 4)
@@ -102,26 +105,22 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
                                  image_id), device)
 
     held_out = batch_of(-1 - seed, 64)  # training seeds are >= 0: these scenes are never trained on
-    logger = _StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
-    _record_attempt(logger, step, rank)
+    logger = StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
+    record_attempt(logger, step, rank)
     ddp_model.train()
     metrics: dict[str, float] = {}
     while step < total:
         batch = batch_of((seed * total + step) * world + rank, tc["batch_size"])
-        for group in optimizer.param_groups:
-            group["lr"] = tc["lr"] * lr_at(step, total, warmup)
+        set_lr(optimizer, tc["lr"], step, total, warmup)
         loss = grounding_loss(ddp_model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
-        optimizer.step()
+        update(loss, model, optimizer, tc["grad_clip"])
         step += 1
         logger.log(step, {"loss_grounding": loss.item(), "lr": optimizer.param_groups[0]["lr"]},
                    every=tc["log_every"])
         if step % every == 0 or step == total:
             metrics = held_out_metrics(model, held_out) if rank == 0 else {}
             logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
-            _report(model, optimizer, step, metrics, rank)
+            report_checkpoint(model, optimizer, step, metrics, rank)
     if rank == 0:
         save_model_dir(model, processor, cfg["out_dir"])
     logger.flush()

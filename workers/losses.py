@@ -28,6 +28,8 @@ __all__ = [
     "reverse_kl",
     "jsd",
     "topk_forward_kl",
+    "topk_reverse_kl",
+    "topk_jsd",
     "teacher_topk",
     "cross_entropy",
     "coupling_weights",
@@ -68,25 +70,15 @@ def _tempered(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     return log_p, _log_probs(student_logits, temperature)
 
 
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, reduction: str = "mean",
+               weights: Tensor | None = None) -> Tensor:
     """Forward (mean-seeking) KL: ``T^2 * KL(p_T || q_S)`` per row."""
     log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_p, log_q) * temperature**2, weights, reduction)
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    weights: Tensor | None = None,
-) -> Tensor:
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, reduction: str = "mean",
+               weights: Tensor | None = None) -> Tensor:
     """Reverse (mode-seeking) KL: ``T^2 * KL(q_S || p_T)`` per row."""
     log_p, log_q = _tempered(student_logits, teacher_logits, temperature)
     return _reduce(_kl(log_q, log_p) * temperature**2, weights, reduction)
@@ -156,6 +148,35 @@ def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tu
     return topk_logprobs.half(), topk_ids.int(), tail.half()
 
 
+def _topk_buckets(
+    student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logprob: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs over ``k + 1`` buckets (teacher top-k tokens + one tail), ``[N, k+1]`` each.
+
+    Teacher: ``[topk_logprobs, tail_logprob]`` (already at temperature ``T``), renormalised over the buckets to
+    absorb fp16 rounding. Student: ``[log q_S(topk_ids), log(1 - sum q_S(topk_ids))]`` with
+    ``q_S = softmax(student / T)``, the tail computed stably as a masked ``logsumexp`` of the non-top-k log-probs.
+    """
+    dtype = _compute_dtype(student_logits)
+    log_q = _log_probs(student_logits, temperature)
+    mask = _topk_mask(topk_ids, log_q.shape[-1])
+    # Finite fill (not -inf) keeps the logsumexp gradient finite when k == V; the
+    # tail bucket then has teacher mass 0 and drops out of the KL.
+    q_tail = log_q.masked_fill(mask, torch.finfo(dtype).min).logsumexp(dim=-1, keepdim=True)
+    log_q_buckets = torch.cat([log_q.gather(-1, topk_ids.long()), q_tail], dim=-1)
+
+    log_p_buckets = torch.cat([topk_logprobs.detach(), tail_logprob.detach().unsqueeze(-1)], dim=-1).to(dtype)
+    log_p_buckets = log_p_buckets - log_p_buckets.logsumexp(dim=-1, keepdim=True)
+    return log_p_buckets, log_q_buckets
+
+
+def _drop_empty_tail(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """Where the teacher's tail is empty (``k == V``) the student's tail is empty too (it holds no token):
+    both become ``-inf``, so the bucket drops out of a KL in either direction instead of giving ``0 * inf``."""
+    empty = torch.isneginf(log_p[:, -1:])
+    return log_p, torch.cat([log_q[:, :-1], log_q[:, -1:].masked_fill(empty, float("-inf"))], dim=-1)
+
+
 def topk_forward_kl(
     student_logits: Tensor,
     topk_logprobs: Tensor,
@@ -174,17 +195,34 @@ def topk_forward_kl(
     as a masked ``logsumexp`` of the student's non-top-k log-probs.
     Equals ``forward_kl`` exactly when ``k == V`` (tail mass 0, ``0 log 0 = 0``).
     """
-    dtype = _compute_dtype(student_logits)
-    log_q = _log_probs(student_logits, temperature)
-    mask = _topk_mask(topk_ids, log_q.shape[-1])
-    # Finite fill (not -inf) keeps the logsumexp gradient finite when k == V; the
-    # tail bucket then has teacher mass 0 and drops out of the KL.
-    q_tail = log_q.masked_fill(mask, torch.finfo(dtype).min).logsumexp(dim=-1, keepdim=True)
-    log_q_buckets = torch.cat([log_q.gather(-1, topk_ids.long()), q_tail], dim=-1)
-
-    log_p_buckets = torch.cat([topk_logprobs.detach(), tail_logprob.detach().unsqueeze(-1)], dim=-1).to(dtype)
-    log_p_buckets = log_p_buckets - log_p_buckets.logsumexp(dim=-1, keepdim=True)
+    log_p_buckets, log_q_buckets = _topk_buckets(student_logits, topk_logprobs, topk_ids, tail_logprob, temperature)
     return _reduce(_kl(log_p_buckets, log_q_buckets) * temperature**2, weights, reduction)
+
+
+def topk_reverse_kl(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logprob: Tensor,
+                    temperature: float = 1.0, reduction: str = "mean", weights: Tensor | None = None) -> Tensor:
+    """Reverse (mode-seeking) KL over the ``k + 1`` buckets of ``topk_forward_kl``: ``T^2 KL(q || p)``.
+    Equals ``reverse_kl`` when ``k == V``."""
+    log_p, log_q = _drop_empty_tail(*_topk_buckets(student_logits, topk_logprobs, topk_ids, tail_logprob,
+                                                   temperature))
+    return _reduce(_kl(log_q, log_p) * temperature**2, weights, reduction)
+
+
+def topk_jsd(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logprob: Tensor, beta: float = 0.5,
+             temperature: float = 1.0, reduction: str = "mean", weights: Tensor | None = None) -> Tensor:
+    """``jsd`` (same scaling and endpoints: beta=0 forward KL, beta=1 reverse KL) over the ``k + 1`` buckets of
+    ``topk_forward_kl``. Equals ``jsd`` when ``k == V``."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    args = (student_logits, topk_logprobs, topk_ids, tail_logprob)
+    if beta == 0.0:
+        return topk_forward_kl(*args, temperature, reduction, weights)
+    if beta == 1.0:
+        return topk_reverse_kl(*args, temperature, reduction, weights)
+    log_p, log_q = _drop_empty_tail(*_topk_buckets(*args, temperature))
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    numerator = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return _reduce(numerator / (beta * (1.0 - beta)) * temperature**2, weights, reduction)
 
 
 def cross_entropy(

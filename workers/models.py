@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,15 +66,16 @@ class HKDProcessor(Qwen2_5_VLProcessor):
 class LevelShape:
     """Size of one pyramid level (text decoder + vision tower)."""
 
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vision_hidden: int
-    vision_depth: int
-    vision_heads: int
-    init_std: float | None = None  # None: 1/sqrt(hidden)
+    hidden: int = field(default=128, metadata={"bounds": {"ge": 8}})
+    layers: int = field(default=2, metadata={"bounds": {"ge": 1}})
+    heads: int = field(default=2, metadata={"bounds": {"ge": 1}})
+    kv_heads: int = field(default=1, metadata={"bounds": {"ge": 1}})
+    intermediate: int = field(default=352, metadata={"bounds": {"ge": 8}})
+    vision_hidden: int = field(default=96, metadata={"bounds": {"ge": 8}})
+    vision_depth: int = field(default=1, metadata={"bounds": {"ge": 1}})
+    vision_heads: int = field(default=2, metadata={"bounds": {"ge": 1}})
+    init_std: float | None = field(default=None, metadata={"bounds": {"gt": 0},
+                                                           "doc": "weight init std; default 1/sqrt(hidden)"})
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from workers.inference import answer_logits
 from workers.losses import teacher_topk
 from workers.models import HKDProcessor, check_same_tokenizer, count_parameters, label_word_ids, load_model_dir
 from workers.prompts import model_inputs
@@ -105,8 +106,7 @@ class Teacher:
         for key, value in batch.items():
             tensor = torch.tensor(value, device=self.device)  # copies: the arrays Ray hands us are read-only
             inputs[key] = tensor.to(self.model.dtype) if tensor.is_floating_point() else tensor
-        # Same forward as `train_loop.answer_logits`, not imported so the train loop can import this module.
-        logits = self.model(**model_inputs(inputs), logits_to_keep=1).logits[:, -1, :self.vocab].float()
+        logits = answer_logits(self.model, inputs)[:, :self.vocab]  # the forward the student trains through
         out = wire_outputs(logits, self.label_ids, k, temperature)
         self.served += 1
         self.served_units += logits.shape[0]

@@ -1,0 +1,137 @@
+"""The stage objectives (`workers.objectives`) and the `kd_loss` choice, from YAML or `--set` to the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.sweep_config import load_sweep
+from orchestrator.stages import fingerprints, plan_stages, stage_loss
+from workers.losses import coupling_weights, cross_entropy, topk_forward_kl, topk_jsd, topk_reverse_kl
+from workers.objectives import OBJECTIVES, StageObjective
+from workers.teacher import from_wire, wire_outputs
+
+QUICKSTART = "configs/quickstart.yaml"
+LABEL_IDS = (3, 5)
+V = 40
+TOPK = {"forward_kl": lambda *a, beta, **kw: topk_forward_kl(*a, **kw),
+        "reverse_kl": lambda *a, beta, **kw: topk_reverse_kl(*a, **kw),
+        "jsd": lambda *a, beta, **kw: topk_jsd(*a, beta=beta, **kw)}
+
+
+def _batch(n_teachers: int, k: int, temperature: float):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, V, generator=g)
+    targets = torch.tensor([1, 0, 1, 1, 0, 0])
+    outs = [from_wire(wire_outputs(torch.randn(6, V, generator=g) * 3, LABEL_IDS, k, temperature))
+            for _ in range(n_teachers)]
+    return logits, targets, outs
+
+
+def _tcrd(cfg):
+    plan = next(p for p in plan_stages(cfg) if p.kind == "tcrd")
+    return plan, stage_loss(cfg, plan, {t["stage"]: "pool" for t in plan.teachers}, "/cache")
+
+
+def _expected_tcrd(loss_cfg, logits, targets, outs) -> torch.Tensor:
+    """ce_weight·CE + Σ_t w_t · coupled KD_t, written out with the chosen top-k divergence."""
+    expected = loss_cfg.ce_weight * cross_entropy(logits, torch.where(targets == 1, *LABEL_IDS))
+    for teacher, out in zip(loss_cfg.teachers, outs):
+        weights = coupling_weights(torch.softmax(out["label_logits"], -1)[:, 0], targets, loss_cfg.sharpness)
+        kd = TOPK[loss_cfg.kd_loss](logits, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"],
+                                    beta=loss_cfg.beta, temperature=teacher.temperature, weights=weights)
+        expected = expected + teacher.weight * kd
+    return expected
+
+
+@pytest.mark.parametrize("choice", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("via", ["yaml", "set"])
+def test_kd_loss_reaches_the_stage_loss(tmp_path, choice, via):
+    if via == "yaml":
+        text = open(QUICKSTART).read().replace("  temperature: 1.0\n", f"  temperature: 1.0\n  kd_loss: {choice}\n"
+                                                                       "  beta: 0.3\n")
+        path = tmp_path / "kd.yaml"
+        path.write_text(text)
+        cfg = load_config(path)
+    else:
+        cfg = load_config(QUICKSTART, [f"tcrd.kd_loss={choice}", "tcrd.beta=0.3"])
+    plan, loss_cfg = _tcrd(cfg)
+    assert (loss_cfg.kd_loss, loss_cfg.beta, loss_cfg.kind) == (choice, 0.3, "tcrd")
+    logits, targets, outs = _batch(len(loss_cfg.teachers), loss_cfg.k, 1.0)
+    loss, terms = StageObjective(loss_cfg, LABEL_IDS, vocab=V)(logits, targets, outs)
+    torch.testing.assert_close(loss, _expected_tcrd(loss_cfg, logits, targets, outs), rtol=0, atol=0)
+    assert sum(k.startswith("coupling_") for k in terms) == 2
+
+
+@pytest.mark.parametrize("choice", ["forward_kl", "reverse_kl", "jsd"])
+def test_choices_give_different_losses_and_ppod_takes_its_own(choice):
+    cfg = load_config(QUICKSTART, [f"ppod.kd_loss={choice}"])
+    plans = plan_stages(cfg)
+    assert {p.kd.kd_loss for p in plans if p.kind == "ppod"} == {choice}
+    assert {p.kd.kd_loss for p in plans if p.kind == "tcrd"} == {"forward_kl"}  # each stage its own
+    values = {}
+    for other in ("forward_kl", "reverse_kl", "jsd"):
+        _, loss_cfg = _tcrd(load_config(QUICKSTART, [f"tcrd.kd_loss={other}"]))
+        logits, targets, outs = _batch(2, loss_cfg.k, 1.0)
+        values[other] = StageObjective(loss_cfg, LABEL_IDS, vocab=V)(logits, targets, outs)[0].item()
+    assert len(set(values.values())) == 3
+
+
+def test_kd_loss_is_validated():
+    with pytest.raises(ConfigError, match=r"tcrd.kd_loss"):
+        load_config(QUICKSTART, ["tcrd.kd_loss=kl"])
+    with pytest.raises(ConfigError, match=r"ppod.beta"):
+        load_config(QUICKSTART, ["ppod.beta=1.5"])
+
+
+def test_default_divergence_keeps_fingerprints():
+    """Runs finished before `kd_loss` existed stay valid: the default adds nothing to a stage's fingerprint."""
+    cfg = load_config(QUICKSTART)
+    explicit = load_config(QUICKSTART, ["tcrd.kd_loss=forward_kl", "ppod.kd_loss=forward_kl"])
+    jsd = load_config(QUICKSTART, ["tcrd.kd_loss=jsd"])
+    assert fingerprints(cfg, plan_stages(cfg)) == fingerprints(explicit, plan_stages(explicit))
+    before, after = fingerprints(cfg, plan_stages(cfg)), fingerprints(jsd, plan_stages(jsd))
+    assert [n for n in before if before[n] != after[n]] == ["S+PPOD+TCRD"]
+
+
+# Stored from the code before issue 14 (commit d56c537): typing the contract and adding `kd_loss` must not
+# make a finished run's stages look like another config's.
+STORED_FINGERPRINTS = {
+    "configs/quickstart.yaml": {"L-direct": "b85112c38c1c93fa", "M-direct": "444949b97f60313e",
+                                "S-direct": "f56f29572c470210", "M+PPOD": "26eab09f926acc85",
+                                "S+PPOD": "17e72a307333b64e", "S+PPOD+TCRD": "e454ece24acc7773"},
+    "configs/paper.yaml": {"L-grounding": "55567fcb1cadc13a", "M-grounding": "4bf97757e2df3c76",
+                           "S-grounding": "4e370f15976ea307", "L-direct": "bcc521ff1c37570b",
+                           "M-direct": "82f09dab2d3d2cc6", "S-direct": "218a44b1f64d6194", "M+PPOD": "961e00eb838c85ee",
+                           "S+PPOD": "641fa686a21436a0", "S+PPOD+TCRD": "2cd7f663aaa8b475"},
+    "configs/challenge.yaml": {"L-direct": "6cf8f241e133c794", "S-direct": "e07f5f514d344876",
+                               "S+TCRD": "bc2323119a6c1af9"},
+}
+
+
+@pytest.mark.parametrize("path", sorted(STORED_FINGERPRINTS))
+def test_fingerprints_unchanged_by_the_refactor(path):
+    cfg = load_config(path)
+    assert fingerprints(cfg, plan_stages(cfg)) == STORED_FINGERPRINTS[path]
+
+
+def test_kd_loss_is_sweepable(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(open(QUICKSTART).read())
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"base: {base}\nfrom_run: r\nstage: tcrd\nspace:\n"
+                    "  tcrd.kd_loss: {choice: [forward_kl, reverse_kl, jsd]}\n  tcrd.beta: {uniform: [0.1, 0.9]}\n")
+    sweep = load_sweep(path)
+    cfg, plan = sweep.trial_config({"tcrd.kd_loss": "jsd", "tcrd.beta": 0.2})
+    assert (plan.kd.kd_loss, plan.kd.beta) == ("jsd", 0.2)
+    path.write_text(f"base: {base}\nfrom_run: r\nstage: tcrd\nspace:\n  tcrd.kd_loss: {{choice: [jsd, tv]}}\n")
+    with pytest.raises(ConfigError, match="tcrd.kd_loss"):
+        load_sweep(path)
+
+
+def test_each_kind_has_its_objective():
+    assert set(OBJECTIVES) == {"direct", "ppod", "tcrd"}
+    cfg = load_config(QUICKSTART)
+    kinds = {p.kind for p in plan_stages(cfg)}
+    assert kinds <= set(OBJECTIVES)

@@ -1,0 +1,107 @@
+"""The typed contract between the orchestrator and the workers: what one training stage needs, as frozen
+dataclasses the orchestrator builds once from the validated run config (`orchestrator.stages.stage_job`).
+
+No field has a default here: every default lives once, in `orchestrator/config.py`, and reaches the workers
+only through these objects (a worker never fills in a setting of its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+KD_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+StageKind = Literal["direct", "ppod", "tcrd"]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of a stage: the trained stage it is, the actor pool serving it, its KD weight and
+    temperature, and whether its KD term is coupled (per-sample trust weights, TCRD)."""
+
+    stage: str
+    level: str
+    pool: str
+    replicas: int
+    weight: float
+    temperature: float
+    coupled: bool
+
+    @property
+    def tag(self) -> str:
+        """The teacher's name in metric keys ('+' is not valid in an MLflow key)."""
+        return self.stage.replace("+", "_")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Teacher-output cache of a stage (`workers.teacher_cache`): where, and how large before evicting."""
+
+    root: str
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class StageLossConfig:
+    """A stage's objective and how its teacher outputs are fetched.
+
+    kind: direct (CE only) | ppod | tcrd (`workers.objectives`); kd_loss/beta: the divergence of every KD term
+    (`beta` is JSD's mixture weight); k: top-k on the wire; prefetch: batches whose teacher outputs are
+    requested ahead of the step; call_retries: resends of a teacher call whose replicas died; sharpness:
+    of the coupling weights."""
+
+    kind: StageKind
+    ce_weight: float
+    kd_loss: KDLoss
+    beta: float
+    k: int
+    prefetch: int
+    call_retries: int
+    sharpness: float
+    teachers: tuple[TeacherSpec, ...]
+    cache: CacheSpec | None
+
+    def __post_init__(self):
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.kind == "direct" and self.teachers:
+            raise ValueError("a direct stage has no teachers")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimizer and schedule of one stage (`orchestrator.config.TrainConfig`'s fields; `lora` as its dict)."""
+
+    epochs: float
+    batch_size: int
+    lr: float
+    dtype: str
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    log_every: int
+    lora: dict | None
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything `workers.train_loop.train_loop_per_worker` needs for one task stage.
+
+    train_sets: the Ray Train dataset names, one per epoch when augmenting (the last one repeats);
+    n_units: training units per epoch (sets the step count); tracking: {uri, run_id} of the stage's MLflow run;
+    progress: the file rank 0 writes its step count to (the driver's step bar)."""
+
+    model_dir: str
+    out_dir: str
+    train: TrainSettings
+    loss: StageLossConfig
+    n_units: int
+    train_sets: tuple[str, ...]
+    threads: int
+    seed: int
+    tracking: dict | None
+    progress: str | None
+    trust_remote_code: bool

@@ -1,0 +1,138 @@
+"""Teacher requests of a training stage: prefetch, the teacher-output cache, and resends after a crash.
+
+Teacher outputs for batch i+`prefetch` are requested before step i is computed, so teacher latency hides
+behind student compute; each batch carries its own requests, so outputs never cross batches. With a cache
+(`StageLossConfig.cache`), each teacher's cache is asked first and only the missing rows go to the teacher;
+their answers are stored for later epochs and trials.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections import deque
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from workers.contract import StageLossConfig
+from workers.inference import to_device
+
+
+class TeacherRequests:
+    """The stage's teacher traffic: `with_teacher_outputs` pairs each batch with its pending requests, `wait`
+    turns them into teacher outputs on the device, `stats` counts calls, rows, resends and cache use."""
+
+    def __init__(self, cfg: StageLossConfig, device: torch.device | str = "cpu"):
+        self.cfg, self.device = cfg, device
+        self.caches: list = []
+        self.teacher_calls = self.teacher_units = self.teacher_resends = 0
+
+    def with_teacher_outputs(self, batches: Iterable[dict]) -> Iterator[tuple[dict, list]]:
+        """Yield (batch, pending teacher requests) keeping `prefetch` batches in flight ahead."""
+        if not self.cfg.teachers:
+            yield from ((b, []) for b in batches)
+            return
+        from workers.teacher import TeacherPool
+
+        pools = [TeacherPool.connect(t.pool, t.replicas) for t in self.cfg.teachers]
+        if self.cfg.cache and not self.caches:
+            self.caches = [self._open_cache(pool, t.temperature) for t, pool in zip(self.cfg.teachers, pools)]
+        queue: deque = deque()
+        for batch in batches:
+            queue.append((batch, [self._request(batch, pool, t.temperature, i)
+                                  for i, (t, pool) in enumerate(zip(self.cfg.teachers, pools))]))
+            if len(queue) > self.cfg.prefetch:
+                yield queue.popleft()
+        yield from queue
+
+    def _open_cache(self, pool, temperature: float):
+        import ray
+
+        from workers.teacher_cache import TeacherCache
+
+        fingerprint = ray.get(pool.handles[0].fingerprint.remote())  # hashed once per actor
+        return TeacherCache(self.cfg.cache.root, fingerprint, self.cfg.k, temperature, self.cfg.cache.max_bytes)
+
+    def _request(self, batch: dict, pool, temperature: float, index: int) -> TeacherRequest:
+        from workers.prompts import select_rows
+        from workers.teacher import to_numpy_inputs
+        from workers.teacher_cache import unit_key
+
+        cache = self.caches[index] if self.caches else None
+        keys = [unit_key(u, a) for u, a in zip(batch["uid"], batch["aug_key"])]
+        found = cache.get(keys) if cache else [None] * len(keys)
+        missing = [i for i, row in enumerate(found) if row is None]
+        send = None
+        if missing:
+            wire = to_numpy_inputs(batch if len(missing) == len(keys) else select_rows(batch, missing))
+            send = functools.partial(pool.submit, wire, self.cfg.k, temperature)  # again on a teacher crash
+            self.teacher_calls += 1
+            self.teacher_units += len(missing)
+        return TeacherRequest(cache, keys, found, missing, send, self.cfg.call_retries, self._count_resend)
+
+    def _count_resend(self) -> None:
+        self.teacher_resends += 1
+
+    def wait(self, pending: list[TeacherRequest]) -> tuple[list[dict], float]:
+        """The teacher outputs of one batch (one dict per teacher, on the device) and the seconds waited."""
+        if not pending:
+            return [], 0.0
+        from workers.teacher import from_wire
+
+        t0 = time.perf_counter()
+        outs = [to_device(from_wire(r.result()), self.device) for r in pending]
+        return outs, time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        """Teacher calls and rows actually computed, plus the caches' counters summed over teachers."""
+        if not self.cfg.teachers:
+            return {}
+        out = {"teacher/calls": float(self.teacher_calls), "teacher/units": float(self.teacher_units),
+               "teacher/resends": float(self.teacher_resends)}
+        for cache in self.caches:
+            for key, value in cache.stats.as_metrics().items():
+                out[key] = out.get(key, 0.0) + value
+        return out
+
+
+class TeacherRequest:
+    """One teacher's answer for one batch: rows found in the cache plus a teacher call for the misses.
+
+    Ray retries a call whose replica dies (`max_task_retries`), but a replica killed again while the call is
+    queued, or one that is restarting, can still fail it with a `RayActorError`. The call is then sent again,
+    to whichever replica is least busy, after a growing pause (1, 2, 4 … 30 s), up to `retries` times: teacher
+    crashes cost seconds inside the worker instead of a Ray Train worker failure (`max_failures`).
+    """
+
+    def __init__(self, cache, keys: list[str], found: list, missing: list[int], send, retries: int, on_resend):
+        self.cache, self.keys, self.found, self.missing = cache, keys, found, missing
+        self.send, self.retries, self.on_resend = send, retries, on_resend
+        self.ref = send() if send is not None else None
+
+    def result(self) -> dict[str, np.ndarray]:
+        from workers.teacher_cache import merge
+
+        fresh = self._fetch() if self.ref is not None else None
+        if self.cache is None:
+            return fresh
+        if fresh is not None:
+            self.cache.put([self.keys[i] for i in self.missing], fresh)
+        return merge(self.found, fresh)
+
+    def _fetch(self) -> dict[str, np.ndarray]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in itertools.count():
+            try:
+                return ray.get(self.ref)
+            except RayActorError as err:
+                if attempt >= self.retries:
+                    raise RuntimeError(f"teacher call failed {attempt + 1} times (teachers.call_retries="
+                                       f"{self.retries}); its replicas are gone: {err}") from err
+                time.sleep(min(2.0 ** attempt, 30.0))
+                self.ref = self.send()
+                self.on_resend()
