@@ -24,9 +24,10 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
-from workers.data import load_jsonl
+from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
+from workers.lengths import context_length, too_long
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import record_units
@@ -48,10 +49,11 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
     splits = load_splits(cfg, run_dir)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     check_tokenizers(plans, init_dirs)
+    processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
+    check_prompt_lengths(cfg, run_dir, processor, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
              custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas))
-    processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
@@ -84,20 +86,46 @@ def run(cfg: RunConfig, run_dir: Path, log=print) -> dict:
 
 def load_splits(cfg: RunConfig, run_dir: Path) -> dict[str, list[dict]]:
     """Records per split: generated into `<run dir>/data` (once) or read from the configured files."""
+    return {split: [rec for path in paths for rec in load_jsonl(path, **_load_args(cfg))]
+            for split, paths in split_files(cfg, run_dir).items()}
+
+
+def split_files(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
+    """Data files per split, generating the benchmark into `<run dir>/data` first when it is the source."""
     if cfg.data.source == "synth":
         data_dir = run_dir / "data"
         if not (data_dir / "meta.json").is_file():
             s = cfg.data.synth
             synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=synth_spec(cfg))
-        files = {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
-    else:
-        files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
-        if not files["val"]:
-            files["val"] = files["test"]
-    return {split: [rec for path in paths for rec in load_jsonl(path, cfg.data.field_map or None,
-                                                                 require_labels=True,
-                                                                 default_task=cfg.data.default_task)]
-            for split, paths in files.items()}
+        return {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
+    files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
+    if not files["val"]:
+        files["val"] = files["test"]
+    return files
+
+
+def _load_args(cfg: RunConfig) -> dict:
+    return {"field_map": cfg.data.field_map or None, "require_labels": True, "default_task": cfg.data.default_task,
+            "max_image_pixels": cfg.data.max_image_pixels}
+
+
+def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: HKDProcessor, init_dirs: dict[str, Path]) -> None:
+    """Refuse, before any training, a record whose prompt is longer than the shortest context of the levels.
+
+    Skipped for the generated benchmark, whose prompts are a few dozen tokens: the check encodes every prompt
+    with its image (about as long as the encoding that training does anyway)."""
+    if cfg.data.source == "synth":
+        return
+    contexts = {level: n for level, d in init_dirs.items() if (n := context_length(d)) is not None}
+    if not contexts:
+        return
+    level = min(contexts, key=contexts.get)
+    paths = dict.fromkeys(str(p) for paths in split_files(cfg, run_dir).values() for p in paths)
+    for path in paths:
+        scan = scan_file(path, **_load_args(cfg), first_error_only=True)
+        for line, message in too_long(scan.records, scan.lines, processor, contexts[level]):
+            raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
+                            ("--model-dir", str(init_dirs[level])))
 
 
 def synth_spec(cfg: RunConfig) -> synth.SynthSpec:

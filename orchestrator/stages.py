@@ -247,7 +247,9 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     """Per stage, a hash of everything its result depends on: data, seed, vocabulary, its level, its own
     plan and, recursively, the stages it starts from or learns from. Equal fingerprints mean
     interchangeable results (a re-run skips them, an ablation shares them)."""
-    run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"})
+    # data.max_image_pixels only decides which inputs are refused, never what an accepted run computes
+    run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"},
+                         exclude={"data": {"max_image_pixels"}})
     run["k"], run["num_workers"] = cfg.teachers.k, cfg.resources.num_workers
     out: dict[str, str] = {}
     for p in plans:

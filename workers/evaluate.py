@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from workers.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
+from workers.data import load_rgb
 from workers.metrics import binary_metrics
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate_records, encode_records, record_units
@@ -99,8 +100,7 @@ def _flipped(units: list[dict], tmp: Path) -> list[dict]:
     for u in units:
         if u["image"] not in paths:
             paths[u["image"]] = str(tmp / f"{len(paths)}.png")
-            with Image.open(u["image"]) as im:
-                ImageOps.mirror(im.convert("RGB")).save(paths[u["image"]])
+            ImageOps.mirror(load_rgb(u["image"])).save(paths[u["image"]])
     return [{**u, "image": paths[u["image"]], "text": flip_text(u["text"]), "answer": flip_text(u["answer"])}
             for u in units]
 

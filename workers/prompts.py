@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.data import load_rgb
 from workers.models import HKDProcessor
 
 FACTUALITY_QUESTION = "Is the claim true?"
@@ -51,8 +52,7 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: HKDProc
     `image_array` (an augmented image in memory, uint8 HxWx3) uses it instead of reading `image`.
     """
     rows = _as_rows(units)
-    images = [Image.fromarray(r["image_array"]) if "image_array" in r else Image.open(r["image"]).convert("RGB")
-              for r in rows]
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
         add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
