@@ -28,8 +28,8 @@ from workers.data import load_jsonl
 from workers.losses import cross_entropy, forward_kl
 from workers.metrics import binary_metrics
 from workers.models import LevelShape, build_level, build_tokenizer, count_parameters, label_word_ids, load_model_dir
-from workers.prompts import collate_records, encode_records, position_logits, record_units
-from workers.inference import target_token_ids, to_device
+from workers.inference import position_logits, target_token_ids, to_device
+from workers.prompts import collate_records, encode_records, record_units
 from workers.optim import lr_at
 
 SHAPES = {

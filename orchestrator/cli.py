@@ -215,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                                shift={} if args.no_shift else None, tta=args.tta)
         for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
             m = scored["metrics"]
-            row = {"file": path, "task": task, "n": sum(u["task"] == task for u in scored["units"]),
+            row = {"file": path, "task": task, "n": sum(p["task"] == task for p in scored["positions"]),
                    **{k: m[f"{task}/{k}"] for k in ("f1", "accuracy", "auroc", "ece")}}
             print(json.dumps(row) if args.json else
                   f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "

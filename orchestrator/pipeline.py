@@ -30,7 +30,7 @@ from workers.grounding import GROUNDING_PROMPT
 from workers.lengths import context_length, too_long
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
-from workers.prompts import expand_units
+from workers.prompts import record_units
 from workers.teacher import TeacherPool, check_compatible
 
 
@@ -175,7 +175,7 @@ def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None
 
 
 def _corpus(records: list[dict], augmenting: bool) -> list[str]:
-    texts = [u["text"] for u in expand_units(records)]
+    texts = [u["text"] + u["answer"] for u in record_units(records)]
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
@@ -229,15 +229,15 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
     """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
     scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
     shift = calibrate_model(out_dir, splits["val"], threads=os.cpu_count(), trust_remote_code=remote_code)
-    with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
+    with_shift = shifted(scored["positions"], scored["margin"], shift["offsets"])
     model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
     mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
     mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
     mlflow.log_metric("params", count_parameters(model))
     return {"test": scored["metrics"], "test_shift": with_shift["metrics"], "shift": shift,
             "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
-            "test_units": {"task": [u["task"] for u in scored["units"]],
-                           "target": [u["target"] for u in scored["units"]], "margin": scored["margin"].tolist()}}
+            "test_units": {"task": [p["task"] for p in scored["positions"]],
+                           "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}
 
 
 def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: Path, pools: dict) -> dict[str, str]:

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from workers.models import label_word_ids, load_model_dir
-from workers.prompts import OPTION_CLOSE, collate_records, encode_records, position_logits, record_units
+from workers.inference import position_logits
+from workers.prompts import OPTION_CLOSE, collate_records, encode_records, record_units
 
 
 def _encode(records, tiny_model_dir):

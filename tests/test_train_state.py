@@ -13,16 +13,16 @@ import torch
 from orchestrator.config import LoraSettings
 from workers.lora import add_lora
 from workers.models import load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.prompts import collate_records, encode_records, record_units
 from workers.checkpoints import load_train_state, save_train_state
-from workers.inference import answer_logits
+from workers.inference import position_logits
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir, records):
     model, processor = load_model_dir(tiny_model_dir)
-    return collate(encode_units(expand_units(records[:4]), processor), processor.tokenizer.pad_token_id,
-                   model.config.image_token_id)
+    return collate_records(encode_records(record_units(records[:4]), processor),
+                           processor.tokenizer.pad_token_id, model.config.image_token_id)
 
 
 def _student(model_dir, lora: bool):
@@ -35,7 +35,7 @@ def _student(model_dir, lora: bool):
 
 def _step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
-    answer_logits(model.train(), batch).logsumexp(-1).mean().backward()
+    position_logits(model.train(), batch).logsumexp(-1).mean().backward()
     optimizer.step()
 
 

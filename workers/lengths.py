@@ -1,6 +1,6 @@
 """Prompt length against the model's context, measured with the prompts the model is trained on.
 
-The prompts come from `workers.prompts` (`expand_units` then `encode_units`, image tokens included), never
+The prompts come from `workers.prompts` (`record_units` then `encode_records`, image tokens included), never
 rebuilt here, so a change of prompt format changes what is measured.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.prompts import encode_units, expand_units
+from workers.prompts import encode_records, record_units
 
 
 def context_length(model_dir: str | Path) -> int | None:
@@ -26,14 +26,13 @@ def context_length(model_dir: str | Path) -> int | None:
 
 
 def prompt_lengths(records: list[dict], processor, batch_size: int = 64) -> dict[str, int]:
-    """Tokens of each record's longest encoded prompt (text and image tokens), by record id."""
-    units = expand_units(records)
-    longest: dict[str, int] = {}
+    """Tokens of each record's encoded prompt (text and image tokens; one sequence per record), by record id."""
+    units = record_units(records)
+    lengths: dict[str, int] = {}
     for start in range(0, len(units), batch_size):
-        enc = encode_units(units[start:start + batch_size], processor)
-        for rid, ids in zip(enc["record_id"].tolist(), enc["input_ids"]):
-            longest[rid] = max(longest.get(rid, 0), len(ids))
-    return longest
+        enc = encode_records(units[start:start + batch_size], processor)
+        lengths.update({rid: len(ids) for rid, ids in zip(enc["record_id"].tolist(), enc["input_ids"])})
+    return lengths
 
 
 def too_long(records: list[dict], lines: list[int], processor, limit: int) -> list[tuple[int, str]]:
