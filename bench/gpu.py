@@ -19,8 +19,8 @@ Parts (each optional, each guarded: a failure is recorded in the JSON and the ne
 Models: `--teacher-dir/--student-dir` take real checkpoints (the path a user with weights runs). Without them
 the bench writes random-init dirs: at real sizes, the mirrored hub config.json (`configs/qwen2_5_vl/`, 7B teacher,
 3B student) over the product's tokenizer (special-token ids remapped to it); with `--tiny`, `build_level` of
-tiny `LevelShape`s. Inputs are the product's prompts (`workers.synth` records → `encode_units` → `collate`) at
-`--image` px.
+tiny `LevelShape`s. Inputs are the product's prompts (`workers.synth` records → `encode_records` →
+`collate_records`, one row per record) at `--image` px.
 
     python bench/gpu.py                       # everything, GPU
     python bench/gpu.py --tiny                # tiny shapes on CPU: every code path, timings meaningless
@@ -126,19 +126,19 @@ def records(ctx: Ctx, split: str) -> list[dict]:
 def prepare(ctx: Ctx) -> None:
     """Benchmark records at `--image` px, the tokenizer, and the teacher and student dirs (given or written)."""
     from workers.models import HKDProcessor, build_tokenizer
-    from workers.prompts import expand_units
+    from workers.prompts import record_units
     from workers.synth import SynthSpec, generate, sample_texts
 
     a = ctx.args
-    n = max(4, a.batch * (a.e2e_steps + a.warmup + 2) // 4)  # scenes per task; Task 1 scenes give several units
+    n = max(4, a.batch * (a.e2e_steps + a.warmup + 2) // 2)  # scenes per task; one unit (forward) per record
     generate(ctx.work / "data", seed=0, n_train=n, n_val=max(2, a.batch // 4), n_test=1,
              spec=SynthSpec(image_size=a.image))
-    ctx.units = expand_units(records(ctx, "train"))
+    ctx.units = record_units(records(ctx, "train"))
     t = time.perf_counter()
     if a.student_dir:
         ctx.tokenizer = HKDProcessor.from_pretrained(a.student_dir).tokenizer
     else:
-        ctx.tokenizer = build_tokenizer([u["text"] for u in ctx.units] + sample_texts(500), vocab_size=1024)
+        ctx.tokenizer = build_tokenizer([u["text"] + u["answer"] for u in ctx.units] + sample_texts(500), vocab_size=1024)
     ctx.dirs = {role: Path(given) if given else write_model_dir(ctx, role)
                 for role, given in (("teacher", a.teacher_dir), ("student", a.student_dir))}
     ctx.record["meta"]["model_dirs"] = {k: str(v) for k, v in ctx.dirs.items()}
@@ -148,11 +148,12 @@ def prepare(ctx: Ctx) -> None:
 
 def batches(ctx: Ctx, processor, image_token_id: int, n: int, offset: int = 0) -> list[dict]:
     """`n` collated batches of the product's prompts (on CPU, as a train worker's shard hands them over)."""
-    from workers.prompts import collate, encode_units
+    from workers.prompts import collate_records, encode_records
 
     b = ctx.args.batch
     units = [ctx.units[(offset + i) % len(ctx.units)] for i in range(n * b)]
-    return [collate(encode_units(units[i:i + b], processor), processor.tokenizer.pad_token_id, image_token_id)
+    pad_id = processor.tokenizer.pad_token_id
+    return [collate_records(encode_records(units[i:i + b], processor), pad_id, image_token_id)
             for i in range(0, n * b, b)]
 
 
@@ -365,7 +366,7 @@ def _student_setup(ctx: Ctx, lora: bool):
 
 def _student_run(ctx: Ctx, lora: bool) -> dict:
     """One stage step as the train loop takes it: `StageObjective` (PPOD) on precomputed teacher outputs."""
-    from workers.inference import answer_logits, to_device
+    from workers.inference import position_logits, to_device
     from workers.models import label_word_ids
     from workers.objectives import StageObjective
     from workers.optim import update
@@ -379,12 +380,13 @@ def _student_run(ctx: Ctx, lora: bool) -> dict:
     image_id = (model.config if not lora else model.base_model.model.config).image_token_id
     batch = to_device(batches(ctx, processor, image_id, 1, offset=a.batch)[0], ctx.device)
     g = torch.Generator().manual_seed(0)
-    teacher_out = [to_device(from_wire(wire_outputs(torch.randn(a.batch, vocab, generator=g) * 3, label_ids, a.k,
+    n_pos = len(batch["positions"])  # one teacher row per supervised position (a record may have several)
+    teacher_out = [to_device(from_wire(wire_outputs(torch.randn(n_pos, vocab, generator=g) * 3, label_ids, a.k,
                                                     a.temperature)), ctx.device)]
     losses = []
 
     def step():
-        loss, _ = objective(answer_logits(model, batch), batch["target"], teacher_out)
+        loss, _ = objective(position_logits(model, batch), batch["target"], teacher_out)
         update(loss, model, opt, grad_clip=1.0)
         losses.append(loss.detach())
 

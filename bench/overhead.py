@@ -24,9 +24,9 @@ from orchestrator.stages import StagePlan, default_stage_loss, fit_stage, stage_
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
 from workers.models import label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units
+from workers.prompts import collate_records, encode_records
 from workers.teacher import TeacherPool
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.objectives import StageObjective
 
 K, T = 16, 4.0
@@ -39,7 +39,7 @@ def in_process(teacher_dir: Path, student_dir: Path, units: list[dict], batch: i
     student, processor = load_model_dir(student_dir)
     label_ids = label_word_ids(processor.tokenizer)
     pad, img = processor.tokenizer.pad_token_id, student.config.image_token_id
-    batches = [collate(encode_units(units[i:i + batch], processor), pad, img)
+    batches = [collate_records(encode_records(units[i:i + batch], processor), pad, img)
                for i in range(0, steps * batch, batch)]
     loss_fn = StageObjective(default_stage_loss([{"stage": "T", "pool": "local", "temperature": T}], ce_weight=0.5),
                              label_ids)
@@ -49,8 +49,8 @@ def in_process(teacher_dir: Path, student_dir: Path, units: list[dict], batch: i
         if i == 2:
             start = time.perf_counter()
         with torch.no_grad():
-            lp, ids, tail = teacher_topk(answer_logits(teacher, b), K, T)
-        loss, _ = loss_fn(answer_logits(student, b), b["target"],
+            lp, ids, tail = teacher_topk(position_logits(teacher, b), K, T)
+        loss, _ = loss_fn(position_logits(student, b), b["target"],
                           [{"topk_logprobs": lp, "topk_ids": ids, "tail_logprob": tail}])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -62,9 +62,9 @@ def with_ray(work: Path, teacher_dir: Path, student_dir: Path, units: list[dict]
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     _, processor = load_model_dir(student_dir)
     ds = ray.data.from_items(units[:steps * batch]).map_batches(
-        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
+        encode_records, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
     val = ray.data.from_items(units[:batch]).map_batches(
-        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
+        encode_records, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy").materialize()
     pool = TeacherPool.start("overhead", teacher_dir, replicas=1, num_cpus=1, threads=1)
     loss = default_stage_loss([{"stage": "T", "pool": "overhead", "replicas": 1, "temperature": T}], ce_weight=0.5,
                               k=K, prefetch=2)

@@ -21,10 +21,10 @@ import torch
 
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.models import label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units
+from workers.prompts import collate_records, encode_records
 from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
 from orchestrator.stages import default_stage_loss
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.objectives import StageObjective
 from workers.teacher_requests import TeacherRequests
 
@@ -40,7 +40,7 @@ def main() -> None:
     units, teacher_dir, student_dir = tiny_pair(work, args.steps * args.batch)
     model, processor = load_model_dir(student_dir)
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
-    batches = [collate(encode_units(units[i:i + args.batch], processor), pad, img)
+    batches = [collate_records(encode_records(units[i:i + args.batch], processor), pad, img)
                for i in range(0, args.steps * args.batch, args.batch)]
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -61,7 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for b, pending in pairs:
             outs = pending if depth is None else requests.wait(pending)[0]
-            loss, _ = loss_fn(answer_logits(model, b), b["target"], outs)
+            loss, _ = loss_fn(position_logits(model, b), b["target"], outs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,9 +30,9 @@ from workers import synth  # noqa: E402
 from workers.losses import forward_kl, topk_forward_kl  # noqa: E402
 from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
                             load_model_dir)
-from workers.prompts import collate, encode_units, expand_units  # noqa: E402
+from workers.prompts import collate_records, encode_records, record_units  # noqa: E402
 from workers.teacher import from_wire, wire_outputs  # noqa: E402
-from workers.inference import answer_logits  # noqa: E402
+from workers.inference import position_logits  # noqa: E402
 
 KS = (4, 16, 64)
 TEMPERATURES = (1.0, 4.0)
@@ -53,24 +53,25 @@ def pickled_bytes(arrays: dict[str, np.ndarray]) -> int:
 @torch.no_grad()
 def logits_on(model_dir: Path, batches: list[dict]) -> torch.Tensor:
     model, _ = load_model_dir(model_dir)
-    return torch.cat([answer_logits(model.eval(), b) for b in batches])
+    return torch.cat([position_logits(model.eval(), b) for b in batches])
 
 
 def build(work: Path, model_dir: Path | None, n_units: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Teacher and student logits [N, V] on n_units synthetic units, and the label ids."""
+    """Teacher and student logits [P, V] at the supervised positions of n_units synthetic records, and the label
+    ids."""
     synth.generate(work / "data", seed=0, n_train=max(8, n_units // 2), n_val=0, n_test=0)
     records = [json.loads(line) for t in synth.TASKS for line in (work / "data" / t / "train.jsonl").open()]
     for rec in records:
         rec["image"] = str(work / "data" / rec["task"] / rec["image"])
-    units = expand_units(records)[:n_units]
+    units = record_units(records)[:n_units]
     if model_dir is None:
-        tok = build_tokenizer([u["text"] for u in units] + synth.sample_texts(50), vocab_size=VOCAB)
+        tok = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(50), vocab_size=VOCAB)
         model_dir = build_level(work / "teacher", TEACHER, tok, IMAGE_SIZE, seed=0)
     processor = HKDProcessor.from_pretrained(model_dir)
     tok = processor.tokenizer
     student_dir = build_level(work / "student", STUDENT, tok, IMAGE_SIZE, seed=1)
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    batches = [collate(encode_units(units[i:i + 16], processor), tok.pad_token_id, image_id)
+    batches = [collate_records(encode_records(units[i:i + 16], processor), tok.pad_token_id, image_id)
                for i in range(0, len(units), 16)]
     return logits_on(model_dir, batches), logits_on(student_dir, batches), label_word_ids(tok)
 

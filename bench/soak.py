@@ -103,7 +103,9 @@ def final_metrics(run_dir: Path) -> dict[str, dict]:
         runs = client.search_runs([client.get_experiment_by_name("hkd4vlm").experiment_id],
                                   f"attributes.run_name = '{stage_file.stem}' and attributes.status = 'FINISHED'")
         loss = max(client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: (m.step, m.timestamp))
-        out[stage_file.stem] = {"f1": stage["test"]["f1"], "last_loss": loss.value, "steps": stage["val"]["steps"]}
+        resumed = [int(m.value) for m in client.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+        out[stage_file.stem] = {"f1": stage["test"]["f1"], "last_loss": loss.value, "steps": stage["val"]["steps"],
+                                "resumed_from": resumed}
     return out
 
 
@@ -136,6 +138,10 @@ def main() -> None:
     kinds = collections.Counter(e["kind"] for e in injector.events)
     print(f"faults injected: {len(injector.events)} ({kinds['teacher']} teacher, {kinds['worker']} worker); "
           f"stages completed: {len(faulty)}/{len(clean)}; wall: fault-free {clean_s:.0f} s, with faults {faulty_s:.0f} s")
+    worker_kills = collections.Counter(e["stage"] for e in injector.events if e["kind"] == "worker")
+    for stage, got in faulty.items():  # each worker kill is one restart, and each restart logs where it started
+        print(f"{stage:>10}: {worker_kills[stage]} worker kills, restarts recorded from steps {got['resumed_from']} "
+              "(0: no registered checkpoint yet, from scratch)")
     for stage, want in clean.items():
         got = faulty.get(stage, {})
         print(f"{stage:>10}: test macro-F1 {want['f1']:.4f} vs {got.get('f1', float('nan')):.4f} "

@@ -17,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except DataError as err:
+        _error(str(err))
+        if err.path and args.func is not _validate:
+            console.say(f"hkd: `{_validate_command(args, err)}` lists every bad line of the file", err=True)
+        return 2
+    except (ConfigError, FileNotFoundError) as err:
         _error(str(err))
         return 2
     except (StageError, OSError) as err:  # a run that failed (storage, a stage out of retries): no traceback
@@ -83,17 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_sweep)
 
     d = sub.add_parser("data", help="benchmark data").add_subparsers(required=True)
-    s = d.add_parser("synth", help="generate the procedural benchmark")
+    s = d.add_parser("synth", help="generate the procedural benchmark (a run config's generator settings with "
+                                   "--config; flags override them)")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train", type=int, default=2000)
-    s.add_argument("--val", type=int, default=300)
-    s.add_argument("--test", type=int, default=500)
-    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--config", help="take seed, counts and generator settings from this run config's data.synth")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    s.add_argument("--seed", type=int, help="default: the config's seed, else 0")
+    s.add_argument("--train", type=int, help="records per task (default: the config's, else 2000)")
+    s.add_argument("--val", type=int, help="default: the config's, else 300")
+    s.add_argument("--test", type=int, help="default: the config's, else 500")
+    s.add_argument("--image-size", type=int, help="default: the config's, else 112")
     s.set_defaults(func=_synth)
-    v = d.add_parser("validate", help="check JSONL files against the data contract")
-    v.add_argument("files", nargs="+")
-    v.set_defaults(func=_validate)
+    v = d.add_parser("validate", help="check data files against the data contract, listing every bad line")
+    _validate_flags(v)
 
     _model_commands(sub, loud)
     return p
@@ -121,6 +128,15 @@ def _model_commands(sub, loud: argparse.ArgumentParser) -> None:
     pr.add_argument("--out", required=True, help="predictions JSONL")
     _inference_flags(pr)
     pr.set_defaults(func=_predict)
+
+
+def _validate_flags(v: argparse.ArgumentParser) -> None:
+    v.add_argument("files", nargs="+")
+    v.add_argument("--max-errors", type=int, default=50, help="list at most this many bad lines (default 50)")
+    v.add_argument("--labels", action="store_true", help="require labels, as run, evaluate and calibrate do")
+    v.add_argument("--config", help="a run config whose data.field_map, default_task and max_image_pixels apply")
+    v.add_argument("--model-dir", help="also refuse prompts longer than this model's context")
+    v.set_defaults(func=_validate)
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:
@@ -191,17 +207,67 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    """The benchmark a config would generate, or another draw of it: another --seed gives a fresh held-out set
+    of the same distribution."""
+    from dataclasses import replace
+
     from workers.synth import SynthSpec, generate
 
-    meta = generate(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_test=args.test,
-                    spec=SynthSpec(image_size=args.image_size))
+    seed, counts, spec = 0, {"train": 2000, "val": 300, "test": 500}, SynthSpec()
+    if args.config:
+        from orchestrator.pipeline import synth_spec
+
+        cfg = load_config(args.config, args.overrides)
+        seed, spec = cfg.seed, synth_spec(cfg)
+        counts = {k: getattr(cfg.data.synth, k) for k in counts}
+    counts.update({k: getattr(args, k) for k in counts if getattr(args, k) is not None})
+    if args.image_size is not None:
+        spec = replace(spec, image_size=args.image_size)
+    meta = generate(args.out, seed=seed if args.seed is None else args.seed, n_train=counts["train"],
+                    n_val=counts["val"], n_test=counts["test"], spec=spec)
     print(json.dumps(meta, indent=2))
 
 
-def _validate(args: argparse.Namespace) -> None:
-    from workers.data import validate_files
+def _validate(args: argparse.Namespace) -> int:
+    from workers.data import MAX_IMAGE_PIXELS, validate_files
 
-    print(validate_files(args.files))
+    data = load_config(args.config).data if args.config else None
+    result = validate_files(args.files, data.field_map if data else None, data.default_task if data else None,
+                            require_labels=args.labels, max_errors=max(args.max_errors, 0),
+                            max_image_pixels=data.max_image_pixels if data else MAX_IMAGE_PIXELS,
+                            check_more=_length_check(args.model_dir) if args.model_dir else None)
+    for line in result.errors:
+        print(line, file=sys.stderr)
+    print(result.summary)
+    if result.n_bad:
+        more = result.n_bad - len(result.errors)
+        unlisted = f" ({more} not listed: --max-errors {args.max_errors})" if more > 0 else ""
+        print(f"hkd: error: {result.n_bad} bad line(s){unlisted}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _length_check(model_dir: str):
+    """The prompt-length check of `validate --model-dir`: refuses each record longer than the context."""
+    from workers.lengths import context_length, too_long
+    from workers.models import HKDProcessor
+
+    _check_model_dir(model_dir)
+    processor, limit = HKDProcessor.from_pretrained(model_dir), context_length(model_dir)
+
+    def check(scan, cap: int) -> None:
+        if limit is not None:
+            for line, message in too_long(scan.records, scan.lines, processor, limit):
+                scan.drop(line, message, cap)
+    return check
+
+
+def _validate_command(args: argparse.Namespace, err: DataError) -> str:
+    """The `hkd data validate` command that lists every problem of the file a command refused."""
+    flags = ["--labels"] if args.func in (_run, _evaluate, _calibrate) else []
+    if args.func is _run:
+        flags += ["--config", args.config]
+    return " ".join(["hkd data validate", *flags, *err.validate_flags, str(err.path)])
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -215,7 +281,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                                    shift={} if args.no_shift else None, tta=args.tta)
             for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
                 m = scored["metrics"]
-                row = {"file": path, "task": task, "n": sum(u["task"] == task for u in scored["units"]),
+                row = {"file": path, "task": task, "n": sum(p["task"] == task for p in scored["positions"]),
                        **{k: m[f"{task}/{k}"] for k in ("f1", "accuracy", "auroc", "ece")}}
                 console.say(json.dumps(row) if args.json else
                             f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "

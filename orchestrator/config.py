@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from workers.augment import AugmentConfig
+from workers.data import DataError, decode_utf8
 from workers.models import LevelShape
 
 
@@ -52,6 +53,9 @@ class DataConfig(Strict):
     files: DataFiles = Field(default_factory=DataFiles)
     field_map: dict[str, str] = Field(default_factory=dict)
     default_task: Literal["hallucination", "factuality"] | None = None
+    max_image_pixels: int = Field(64_000_000, ge=1, le=178_956_970,
+                                  description="images with more pixels are refused from their header, undecoded "
+                                              "(at most PIL's own hard limit)")
 
     @model_validator(mode="after")
     def _files_given(self) -> DataConfig:
@@ -317,11 +321,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def read_raw(path: Path) -> dict:
     """The YAML mapping of a config file, with `name` defaulting to the file's stem."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(decode_utf8(path.read_bytes(), str(path))) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except DataError as err:  # not UTF-8: FILE:LINE: not UTF-8 (byte 0x.. at column N)
+        raise ConfigError(str(err)) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw.setdefault("name", path.stem)

@@ -1,5 +1,6 @@
 """Real faults for the reliability tests and `bench/soak.py`: SIGKILL a teacher replica or a Ray Train worker
-of a pipeline that this process drives, and read how far its stage has got.
+of a pipeline that this process drives, and read how far its stage has got (steps hkd logged to MLflow;
+checkpoints Ray Train registered).
 
 Processes are found from inside (a teacher reports its own pid) or among this process's descendants, never by
 name across the machine, so other pipelines on the same host are never touched. Linux only (/proc).
@@ -7,8 +8,10 @@ name across the machine, so other pipelines on the same host are never touched. 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import mlflow
@@ -79,8 +82,21 @@ def logged_steps(uri: str, stage: str, metric: str = "loss") -> list[int]:
     return sorted(m.step for r in runs for m in client.get_metric_history(r.info.run_id, metric))
 
 
-def last_checkpoint_step(uri: str, stage: str) -> int:
-    """Step of the stage's latest checkpoint, 0 before the first: rank 0 logs `val/*` at exactly the steps it
-    checkpoints. A `loss` logged at a later step proves that checkpoint stored (`ray.train.report` returns
-    before the next step runs)."""
-    return max(logged_steps(uri, stage, "val/f1"), default=0)
+def registered_checkpoint(storage: Path, stage: str) -> tuple[int, str | None]:
+    """Step and dir name of the stage's latest checkpoint that Ray Train has registered, (0, None) before the
+    first: what `ray.train.get_checkpoint()` hands the next attempt. Read from the controller's own record
+    (`checkpoint_manager_snapshot.json` in the stage's storage dir). A checkpoint that hkd has logged `val/*` for,
+    and that sits complete in the storage dir, may not be registered yet: `ray.train.report` returns once the
+    checkpoint is uploaded and the report queued, and the controller registers it only when it next polls the
+    worker (every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s); a worker killed before that poll loses it."""
+    snapshot = storage / stage / "checkpoint_manager_snapshot.json"
+    for _ in range(50):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except FileNotFoundError:
+            return 0, None
+        except json.JSONDecodeError:  # the controller is rewriting it
+            time.sleep(0.1)
+            continue
+        return (int(latest["metrics"]["step"]), latest["checkpoint_dir_name"]) if latest else (0, None)
+    raise RuntimeError(f"{snapshot}: not valid JSON")

@@ -26,12 +26,13 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
-from workers.data import load_jsonl
+from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
+from workers.lengths import context_length, too_long
 from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
-from workers.prompts import expand_units
+from workers.prompts import record_units
 from workers.teacher import TeacherPool, check_compatible
 
 
@@ -55,13 +56,14 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     check_tokenizers(plans, init_dirs)
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides)
     _print_plan(cfg, plans, meta, run_dir, log)
+    processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
+    check_prompt_lengths(cfg, run_dir, processor, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
                          custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
                          log_dir=run_dir / "logs")
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
-    processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
@@ -140,20 +142,46 @@ def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Pat
 
 def load_splits(cfg: RunConfig, run_dir: Path) -> dict[str, list[dict]]:
     """Records per split: generated into `<run dir>/data` (once) or read from the configured files."""
+    return {split: [rec for path in paths for rec in load_jsonl(path, **_load_args(cfg))]
+            for split, paths in split_files(cfg, run_dir).items()}
+
+
+def split_files(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
+    """Data files per split, generating the benchmark into `<run dir>/data` first when it is the source."""
     if cfg.data.source == "synth":
         data_dir = run_dir / "data"
         if not (data_dir / "meta.json").is_file():
             s = cfg.data.synth
             synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=synth_spec(cfg))
-        files = {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
-    else:
-        files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
-        if not files["val"]:
-            files["val"] = files["test"]
-    return {split: [rec for path in paths for rec in load_jsonl(path, cfg.data.field_map or None,
-                                                                 require_labels=True,
-                                                                 default_task=cfg.data.default_task)]
-            for split, paths in files.items()}
+        return {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
+    files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
+    if not files["val"]:
+        files["val"] = files["test"]
+    return files
+
+
+def _load_args(cfg: RunConfig) -> dict:
+    return {"field_map": cfg.data.field_map or None, "require_labels": True, "default_task": cfg.data.default_task,
+            "max_image_pixels": cfg.data.max_image_pixels}
+
+
+def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: HKDProcessor, init_dirs: dict[str, Path]) -> None:
+    """Refuse, before any training, a record whose prompt is longer than the shortest context of the levels.
+
+    Skipped for the generated benchmark, whose prompts are a few dozen tokens: the check encodes every prompt
+    with its image (about as long as the encoding that training does anyway)."""
+    if cfg.data.source == "synth":
+        return
+    contexts = {level: n for level, d in init_dirs.items() if (n := context_length(d)) is not None}
+    if not contexts:
+        return
+    level = min(contexts, key=contexts.get)
+    paths = dict.fromkeys(str(p) for paths in split_files(cfg, run_dir).values() for p in paths)
+    for path in paths:
+        scan = scan_file(path, **_load_args(cfg), first_error_only=True)
+        for line, message in too_long(scan.records, scan.lines, processor, contexts[level]):
+            raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
+                            ("--model-dir", str(init_dirs[level])))
 
 
 def synth_spec(cfg: RunConfig) -> synth.SynthSpec:
@@ -203,7 +231,7 @@ def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None
 
 
 def _corpus(records: list[dict], augmenting: bool) -> list[str]:
-    texts = [u["text"] for u in expand_units(records)]
+    texts = [u["text"] + u["answer"] for u in record_units(records)]
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
@@ -257,15 +285,15 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
     """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
     scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
     shift = calibrate_model(out_dir, splits["val"], threads=os.cpu_count(), trust_remote_code=remote_code)
-    with_shift = shifted(scored["units"], scored["margin"], shift["offsets"])
+    with_shift = shifted(scored["positions"], scored["margin"], shift["offsets"])
     model, _ = load_model_dir(out_dir, trust_remote_code=remote_code)
     mlflow.log_metrics({f"test/{k}": v for k, v in scored["metrics"].items()})
     mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
     mlflow.log_metric("params", count_parameters(model))
     return {"test": scored["metrics"], "test_shift": with_shift["metrics"], "shift": shift,
             "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
-            "test_units": {"task": [u["task"] for u in scored["units"]],
-                           "target": [u["target"] for u in scored["units"]], "margin": scored["margin"].tolist()}}
+            "test_units": {"task": [p["task"] for p in scored["positions"]],
+                           "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}
 
 
 def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: Path, pools: dict) -> dict[str, str]:

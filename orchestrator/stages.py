@@ -24,7 +24,7 @@ from workers.grounding import grounding_loop_per_worker
 from workers.synth import SynthSpec
 from workers.epoch_data import epoch_datasets
 from workers.models import HKDProcessor
-from workers.prompts import encode_units, expand_units
+from workers.prompts import encode_records, record_units
 from workers.train_loop import train_loop_per_worker
 
 MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
@@ -126,11 +126,12 @@ def loss_params(loss: StageLossConfig) -> dict:
 
 
 def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
-    """Prompt expansion, tokenization and image preprocessing as a Ray Data map, materialized once per run
-    (every stage reuses it; the train workers never decode images), in record order so that runs repeat."""
-    units = expand_units(records)
+    """Prompts (one row per record), tokenization and image preprocessing as a Ray Data map, materialized once
+    per run (every stage reuses it; the train workers never decode images), in record order so that runs
+    repeat."""
+    units = record_units(records)
     ds = ray.data.from_items(units).map_batches(
-        encode_units, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
+        encode_records, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
     )
     ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
     return ds.materialize()
@@ -246,7 +247,9 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     """Per stage, a hash of everything its result depends on: data, seed, vocabulary, its level, its own
     plan and, recursively, the stages it starts from or learns from. Equal fingerprints mean
     interchangeable results (a re-run skips them, an ablation shares them)."""
-    run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"})
+    # data.max_image_pixels only decides which inputs are refused, never what an accepted run computes
+    run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"},
+                         exclude={"data": {"max_image_pixels"}})
     run["k"], run["num_workers"] = cfg.teachers.k, cfg.resources.num_workers
     out: dict[str, str] = {}
     for p in plans:

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from workers import synth  # noqa: E402
 from workers.data import load_jsonl  # noqa: E402
 from workers.models import LevelShape, build_level, build_tokenizer  # noqa: E402
-from workers.prompts import expand_units  # noqa: E402
+from workers.prompts import record_units  # noqa: E402
 
 TINY = LevelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
                   vision_heads=2)
@@ -33,7 +33,7 @@ def records(bench_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tokenizer(records):
-    return build_tokenizer([u["text"] for u in expand_units(records)] + synth.sample_texts(50), vocab_size=512)
+    return build_tokenizer([u["text"] + u["answer"] for u in record_units(records)] + synth.sample_texts(50), vocab_size=512)
 
 
 @pytest.fixture(scope="session")

@@ -151,6 +151,25 @@ def test_option_shuffle_permutes_labels_facts_and_sentences_together(recs: list[
     assert moved > 5
 
 
+def test_shuffled_options_keep_their_labels_in_the_record_prompt(recs: list[dict]) -> None:
+    """One forward per record: the k-th option span of the prompt is supervised with the k-th target, and that
+    target is the label the original record gave that option, whatever order augmentation chose."""
+    from workers.prompts import OPTION_CLOSE, OPTION_OPEN, record_units
+
+    moved = 0
+    for rec in (r for r in recs if r["task"] == "hallucination"):
+        label_of = dict(zip(rec["options"], rec["hallucinated"]))
+        if len(label_of) != len(rec["options"]):
+            continue  # a repeated option text: its label cannot be looked up by text
+        aug = augment_record(rec, 2, seed=1, cfg=replace(NONE, shuffle_options=True))
+        (unit,) = record_units([{**aug, "image": aug["source_image"]}])
+        spans = re.findall(re.escape(OPTION_OPEN) + "(.*?)" + re.escape(OPTION_CLOSE), unit["answer"])
+        assert spans == aug["options"]
+        assert unit["targets"] == [int(label_of[o]) for o in spans]
+        moved += spans != rec["options"]
+    assert moved > 5
+
+
 _CONTENT = set(synth.PALETTE) | set(synth.PLURALS) | set(synth.SIZES) | set(synth.NAMES) | set(synth.NUMBER_WORDS)
 
 

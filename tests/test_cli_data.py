@@ -25,6 +25,22 @@ def test_synth_then_validate(tmp_path):
     assert "hallucination: 6 records" in proc.stdout and "factuality: 2 records" in proc.stdout
 
 
+def test_synth_from_a_config_uses_its_generator_and_flags_override(tmp_path):
+    """`--config` takes the run's seed, counts and spec (here `--set` narrows it); another `--seed` is a fresh draw
+    of the same distribution; `--test` overrides one count."""
+    cfg = ["--config", "configs/quickstart.yaml", "--set", "data.synth.max_objects=2",
+           "--set", "data.synth.train=4", "--set", "data.synth.val=2"]
+    assert main(["data", "synth", "--out", str(tmp_path / "a"), *cfg, "--test", "3"]) == 0
+    assert main(["data", "synth", "--out", str(tmp_path / "b"), *cfg, "--test", "3", "--seed", "9"]) == 0
+    meta_a, meta_b = (json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab")
+    assert meta_a["counts"]["factuality"] == {"train": 4, "val": 2, "test": 3}
+    assert meta_a["seed"] == 0 and meta_b["seed"] == 9
+    assert meta_a["spec"] == meta_b["spec"] and meta_a["spec"]["max_objects"] == 2
+    test_a, test_b = ((tmp_path / d / "factuality" / "test.jsonl").read_text() for d in "ab")
+    assert test_a != test_b
+    assert max(len(json.loads(line)["scene"]["objects"]) for line in test_a.splitlines()) <= 2
+
+
 BAD_LINES = {
     "invalid JSON": ("{not json", "invalid JSON"),
     "missing field": ('{"id": "a", "task": "factuality", "image": "i.png", "context": "c", "label": true}',

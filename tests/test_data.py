@@ -199,7 +199,7 @@ def test_field_map_reads_renamed_fields(data_dir):
 def test_field_map_errors_name_file_field(data_dir):
     rec = _mapped()
     del rec["labels"]
-    p = _write(data_dir, [rec, _mapped(choices=["a", 1])])
+    p = _write(data_dir, [rec, _mapped(id="h2", choices=["a", 1])])
     assert _error(p, field_map=FMAP, require_labels=True) == (
         f"{p}:1: missing field 'labels' (contract field 'hallucinated')"
     )
@@ -227,7 +227,7 @@ def test_summary(data_dir):
     assert s["factuality"] == {"n": 3, "n_units": 3, "n_labelled_units": 2, "positive_share": 0.5}
     q = _write(data_dir, [unl], "unl.jsonl")
     assert summarize(load_jsonl(q))["factuality"]["positive_share"] is None
-    text = validate_files([p, q])
+    text = validate_files([p, q]).summary
     assert f"{p}: 5 records" in text and "66.7% hallucinated" in text
     assert "50.0% true (of 2 labelled)" in text and "unlabelled" in text
 

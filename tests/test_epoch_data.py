@@ -16,10 +16,10 @@ from workers.augment import AugmentConfig
 from workers.epoch_data import encode_augmented, epoch_datasets
 from workers.losses import teacher_topk
 from workers.models import HKDProcessor, load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.prompts import collate_records, encode_records, record_units
 from workers.teacher import TeacherPool
 from tests.conftest import stage_loss_config
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.teacher_requests import TeacherRequests
 
 CFG = AugmentConfig(flip_p=0.5)
@@ -40,12 +40,12 @@ def test_same_key_same_encoded_sample(records, tiny_model_dir):
     first, again = _encode(records[:8], processor, epoch=1), _encode(records[:8], processor, epoch=1)
     assert _rows(first) == _rows(again)
     other_epoch, other_seed = _encode(records[:8], processor, epoch=2), _encode(records[:8], processor, 1, seed=7)
-    plain = encode_units(expand_units(records[:8]), processor)
+    plain = encode_records(record_units(records[:8]), processor)
     for other in (other_epoch, other_seed):
         assert set(_rows(other)).isdisjoint(_rows(first))  # a new key per (epoch, seed)
         assert {v[1] for v in _rows(other).values()} != {v[1] for v in _rows(first).values()}
     assert not {px.tobytes() for px in plain["pixel_values"]} & {v[1] for v in _rows(first).values()}
-    assert sorted(first["uid"]) == sorted(plain["uid"])  # same units (Task 1 options permuted within a record)
+    assert sorted(first["uid"]) == sorted(plain["uid"])  # one row per record (Task 1 options permuted within it)
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +72,18 @@ def test_teacher_answers_the_batch_the_student_trains_on(ray_session, records, t
     model.eval()
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
     augmented = _encode(records[:6], processor, epoch=0)
-    batches = [collate({k: v[i:i + 4] for k, v in augmented.items()}, pad, img) for i in (0, 4)]
+    batches = [collate_records({k: v[i:i + 4] for k, v in augmented.items()}, pad, img) for i in (0, 4)]
     pool = TeacherPool.start("online-aug", tiny_model_dir, replicas=1, num_cpus=0.5)
     loss = TeacherRequests(stage_loss_config([{"pool": "online-aug", "stage": "T"}], k=8, prefetch=1))
-    plain = encode_units(expand_units(records[:6]), processor)
+    plain = encode_records(record_units(records[:6]), processor)
     plain_by_uid = {u: i for i, u in enumerate(plain["uid"])}
     for batch, pending in loss.with_teacher_outputs(iter(batches)):
         (out,), _ = loss.wait(pending)
         with torch.no_grad():
-            on_batch, _, _ = teacher_topk(answer_logits(model, batch), 8, 1.0)
+            on_batch, _, _ = teacher_topk(position_logits(model, batch), 8, 1.0)
             rows = [plain_by_uid[u] for u in batch["uid"]]
-            original = collate({k: v[rows] for k, v in plain.items()}, pad, img)
-            on_original, _, _ = teacher_topk(answer_logits(model, original), 8, 1.0)
+            original = collate_records({k: v[rows] for k, v in plain.items()}, pad, img)
+            on_original, _, _ = teacher_topk(position_logits(model, original), 8, 1.0)
         torch.testing.assert_close(out["topk_logprobs"].float(), on_batch.float(), atol=5e-3, rtol=0)
         assert not torch.allclose(out["topk_logprobs"].float(), on_original.float(), atol=5e-3)
         assert all(batch["aug_key"])

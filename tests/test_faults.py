@@ -155,22 +155,35 @@ def test_teacher_killed_mid_stage_restarts_and_matches(config, reference, tmp_pa
 
 
 def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp_path):
+    """"Last checkpoint" is the latest one Ray Train registered, not the latest one hkd logged: a report still
+    queued in the killed worker (the controller polls every 2 s, an epoch here takes a few) is lost, and the
+    replacement then starts from the one before, here from scratch. Either way it must record where it
+    started (`resumed_from_step`, 0 = scratch) and end where the fault-free run did."""
     run_dir = tmp_path / "faults"
     _copy_first_stage(reference, run_dir)
-    uri, seen = _uri(run_dir), {}
+    uri, storage, seen = _uri(run_dir), run_dir / "ray", {}
 
     def kill_worker_between_checkpoints():
         _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints")
-        seen["ckpt"] = faults.last_checkpoint_step(uri, STAGE)
+        seen["logged_ckpt"] = max(faults.logged_steps(uri, STAGE, "val/f1"))
+        seen["registered_at_kill"], _ = faults.registered_checkpoint(storage, STAGE)
+        seen["dirs"] = {p.name for p in (storage / STAGE).glob("checkpoint_*")}
         seen["last"] = faults.logged_steps(uri, STAGE)[-1]
         seen["pid"] = faults.kill_train_worker()
+        # The replacement gets what the controller had registered when it saw the failure; read it once the
+        # replacement exists, long before that attempt can report a checkpoint of its own.
+        _wait(lambda: set(faults.train_worker_pids()) - {seen["pid"]}, 600, "the replacement worker")
+        seen["ckpt"], seen["ckpt_dir"] = faults.registered_checkpoint(storage, STAGE)
 
     thread = _in_background(kill_worker_between_checkpoints)
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     thread.join(1)
     assert seen.get("pid"), "no train worker was killed"
+    print(f"worker kill: {seen}")
+    assert seen["ckpt_dir"] is None or seen["ckpt_dir"] in seen["dirs"], "read after the replacement reported"
+    assert seen["registered_at_kill"] <= seen["ckpt"] <= seen["logged_ckpt"]
     stage_run = _runs(run_dir)[STAGE][-1]
-    assert [m.value for m in _history(run_dir, stage_run, "resumed_from_step")] == [seen["ckpt"]]
+    assert [m.value for m in _history(run_dir, stage_run, "resumed_from_step")] == [seen["ckpt"]], seen
     counts = collections.Counter(m.step for m in _history(run_dir, stage_run, "loss"))
     total = json.loads((run_dir / "stages" / f"{STAGE}.json").read_text())["val"]["steps"]
     assert set(counts) == set(range(1, total + 1))
@@ -191,14 +204,13 @@ def _own_env() -> dict[str, str]:
 def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
     run_dir = tmp_path / "faults"
     _copy_first_stage(reference, run_dir)
-    uri, log = _uri(run_dir), tmp_path / "attempt1.log"
+    log = tmp_path / "attempt1.log"
     with open(log, "w") as out:
         driver = subprocess.Popen(_hkd_run(config, run_dir), env=_own_env(), start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 1200, "a step between checkpoints")
         assert driver.poll() is None, f"the driver ended before the kill:\n{log.read_text()[-3000:]}"
-        ckpt = faults.last_checkpoint_step(uri, STAGE)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
@@ -206,6 +218,11 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
             os.killpg(driver.pid, signal.SIGKILL)  # the rest of its session: its local Ray
         except ProcessLookupError:
             pass
+    _wait(lambda: not _alive_in_group(driver.pid), 60, "the killed driver's Ray to exit")
+    # What the next run resumes from: the latest checkpoint the killed run's controller registered (not the
+    # latest hkd logged: one reported in the last poll interval before the kill is lost).
+    ckpt, _ = faults.registered_checkpoint(run_dir / "ray", STAGE)
+    print(f"driver kill: registered checkpoint at step {ckpt}")
     finished = {p: (run_dir / p).read_bytes() for p in ("stages/L-direct.json", "models/L/model.safetensors")}
 
     again = subprocess.run(_hkd_run(config, run_dir), env=_own_env(), capture_output=True, text=True, timeout=1200)
@@ -219,6 +236,19 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
     assert [m.value for m in _history(run_dir, resumed, "resumed_from_step")] == [ckpt]
     assert min(m.step for m in _history(run_dir, resumed, "loss")) == ckpt + 1
     _assert_same_result(run_dir, reference)
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 @pytest.fixture()

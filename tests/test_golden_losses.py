@@ -7,15 +7,14 @@ format (`wire_outputs` → `from_wire`). Grounding goes through `grounding_loss`
 Stored per kind: the loss and every logged term (as `float.hex`, so bitwise), and a sha256 of the gradient
 the loss sends back into the student's logits (or the stub's weights).
 
-`HKD_GOLDEN_WRITE=1 pytest tests/test_golden_losses.py` rewrites the fixture: only when a change of the
-numbers is intended, and say so in the commit.
+`python tests/test_golden_losses.py --write` rewrites the fixture: only when a change of the numbers is
+intended, and say so in the commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,9 +111,7 @@ def _values(kind: str) -> dict:
 KINDS = ("direct", "ppod", "tcrd", "grounding")
 
 
-def test_fixture_written_on_request():
-    if os.environ.get("HKD_GOLDEN_WRITE") != "1":
-        pytest.skip("set HKD_GOLDEN_WRITE=1 to rewrite the golden fixture")
+def write_fixture() -> None:
     FIXTURE.parent.mkdir(exist_ok=True)
     FIXTURE.write_text(json.dumps({k: _values(k) for k in KINDS}, indent=2, sort_keys=True) + "\n")
 
@@ -140,3 +137,11 @@ def test_golden_batch_exercises_every_term():
     outs = [_teacher_out(100 + i, cfg.teachers.k, t["temperature"]) for i, t in enumerate(plan.teachers)]
     stage_loss_for(cfg, plan, LABEL_IDS, VOCAB)(logits, _targets(), outs)[0].backward()
     assert np.all(logits.grad[:, VOCAB:].numpy() == 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_golden_losses.py --write   (rewrites the golden fixture)")
+    write_fixture()

@@ -9,20 +9,20 @@ from peft import PeftModel
 from orchestrator.config import ConfigError, LoraSettings, load_config
 from workers.lora import ADAPTER_DIR, add_lora
 from workers.models import load_model_dir, save_model_dir
-from workers.prompts import collate, encode_units, expand_units
-from workers.inference import answer_logits
+from workers.prompts import collate_records, encode_records, record_units
+from workers.inference import position_logits
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir, records):
     model, processor = load_model_dir(tiny_model_dir)
-    return collate(encode_units(expand_units(records[:3]), processor), processor.tokenizer.pad_token_id,
-                   model.config.image_token_id)
+    return collate_records(encode_records(record_units(records[:3]), processor),
+                           processor.tokenizer.pad_token_id, model.config.image_token_id)
 
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return answer_logits(model.eval(), batch)
+    return position_logits(model.eval(), batch)
 
 
 def test_merged_weights_and_adapter_give_the_same_logits(tiny_model_dir, batch, tmp_path):

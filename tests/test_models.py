@@ -15,25 +15,26 @@ import torch
 from workers import synth
 from workers.models import (LABEL_WORDS, ModelDirError, build_tokenizer, check_same_tokenizer, label_word_ids,
                             load_model_dir, save_model_dir)
-from workers.prompts import collate, encode_units, expand_units, model_inputs
-from workers.inference import answer_logits, positive_prob
+from workers.prompts import collate_records, encode_records, model_inputs, record_units
+from workers.inference import position_logits, positive_prob
 
 
 def _batch(model_dir, records):
     model, processor = load_model_dir(model_dir)
-    units = expand_units(records[:4])
-    batch = collate(encode_units(units, processor), processor.tokenizer.pad_token_id, model.config.image_token_id)
+    units = record_units(records[:4])
+    batch = collate_records(encode_records(units, processor), processor.tokenizer.pad_token_id,
+                            model.config.image_token_id)
     return model, processor, batch
 
 
 def test_save_reload_identical_logits(tiny_model_dir, records, tmp_path):
     model, processor, batch = _batch(tiny_model_dir, records)
     with torch.no_grad():
-        before = answer_logits(model.eval(), batch)
+        before = position_logits(model.eval(), batch)
     save_model_dir(model, processor, tmp_path / "copy")
     reloaded, processor2 = load_model_dir(tmp_path / "copy")
     with torch.no_grad():
-        after = answer_logits(reloaded.eval(), batch)
+        after = position_logits(reloaded.eval(), batch)
     assert torch.equal(before, after)
     assert len(processor2.tokenizer) == len(processor.tokenizer)
     assert not (tmp_path / "copy.tmp").exists()
@@ -41,12 +42,12 @@ def test_save_reload_identical_logits(tiny_model_dir, records, tmp_path):
 
 def test_prompt_ends_at_assistant_turn_and_images_are_tokens(tiny_model_dir, records):
     model, processor, batch = _batch(tiny_model_dir, records)
-    text = processor.tokenizer.decode(batch["input_ids"][0])
-    assert text.endswith("<|im_start|>assistant\n")
+    text = processor.tokenizer.decode(batch["input_ids"][0])  # a Task 1 record: its options in the answer turn
+    assert "<|im_start|>assistant\n<|object_ref_start|>" in text and text.endswith("<|object_ref_end|>")
     # 112 px → 8×8 patches → 4×4 merged vision tokens per image.
     assert int(batch["mm_token_type_ids"][0].sum()) == 16
     assert batch["pixel_values"].shape[0] == 64 * len(batch["input_ids"])
-    probs = positive_prob(answer_logits(model, batch), label_word_ids(processor.tokenizer))
+    probs = positive_prob(position_logits(model, batch), label_word_ids(processor.tokenizer))
     assert ((probs > 0) & (probs < 1)).all()
     assert set(model_inputs(batch)) <= set(batch)
 

@@ -112,3 +112,16 @@ def test_tta_averages_with_the_mirrored_view(tiny_model_dir, bench_dir, tmp_path
     tta = score_records(tiny_model_dir, records, shift={}, tta=True)
     np.testing.assert_allclose(tta["margin"], (plain["margin"] + mirror["margin"]) / 2, atol=1e-5)
     assert not np.allclose(tta["margin"], plain["margin"])
+
+
+def test_one_decision_per_option_from_one_forward_per_record(tiny_model_dir, bench_dir):
+    """Scoring runs one sequence per record; it yields one decision per option (Task 1) or claim (Task 2), with
+    uid `<record id>#<slot>`, in record order, and a record's scores do not depend on its batch mates."""
+    records = [r for t in TASKS for r in load_jsonl(bench_dir / t / "test.jsonl")]
+    scored = score_records(tiny_model_dir, records, shift={}, batch_size=5)
+    expected = [(f"{r['id']}#{i}", r["task"]) for r in records
+                for i in range(len(r["options"]) if r["task"] == "hallucination" else 1)]
+    assert [(p["uid"], p["task"]) for p in scored["positions"]] == expected
+    assert len(scored["margin"]) == len(expected)
+    alone = score_records(tiny_model_dir, records[:1], shift={})
+    np.testing.assert_allclose(alone["margin"], scored["margin"][:len(alone["margin"])], atol=1e-4)

@@ -8,10 +8,10 @@ import torch
 
 from workers.losses import teacher_topk
 from workers.models import load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.prompts import collate_records, encode_records, record_units
 from workers.teacher import TeacherPool
 from tests.conftest import stage_loss_config
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.teacher_requests import TeacherRequests
 
 
@@ -26,9 +26,9 @@ def pool(tiny_model_dir):
 def test_outputs_stay_with_their_batch(pool, tiny_model_dir, records, depth):
     model, processor = load_model_dir(tiny_model_dir)
     model.eval()
-    units = expand_units(records)
+    units = record_units(records)
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
-    batches = [collate(encode_units(units[i:i + 3], processor), pad, img) for i in range(0, 18, 3)]
+    batches = [collate_records(encode_records(units[i:i + 3], processor), pad, img) for i in range(0, 18, 3)]
     cfg = stage_loss_config([{"pool": "prefetch-test", "stage": "T", "replicas": 2, "temperature": 2.0}], k=8,
                             prefetch=depth)
     loss_fn = TeacherRequests(cfg)
@@ -36,7 +36,7 @@ def test_outputs_stay_with_their_batch(pool, tiny_model_dir, records, depth):
     for batch, pending in loss_fn.with_teacher_outputs(iter(batches)):
         (out,), wait_s = loss_fn.wait(pending)
         with torch.no_grad():
-            expected, _, _ = teacher_topk(answer_logits(model, batch), 8, 2.0)
+            expected, _, _ = teacher_topk(position_logits(model, batch), 8, 2.0)
         torch.testing.assert_close(out["topk_logprobs"].float(), expected.float(), atol=5e-3, rtol=0)
         assert wait_s >= 0
         seen.append(batch["uid"])
@@ -47,13 +47,13 @@ def test_requests_run_ahead_of_the_step(pool, tiny_model_dir, records):
     """With depth d, d+1 batches have been submitted when the first one is handed to the step."""
     model, processor = load_model_dir(tiny_model_dir)
     pad, img = processor.tokenizer.pad_token_id, model.config.image_token_id
-    units = expand_units(records)
+    units = record_units(records)
     pulled = []
 
     def source():
         for i in range(0, 15, 3):
             pulled.append(i)
-            yield collate(encode_units(units[i:i + 3], processor), pad, img)
+            yield collate_records(encode_records(units[i:i + 3], processor), pad, img)
 
     cfg = stage_loss_config([{"pool": "prefetch-test", "stage": "T", "replicas": 2}], k=4, prefetch=2)
     gen = TeacherRequests(cfg).with_teacher_outputs(source())

@@ -73,8 +73,32 @@ def test_bad_data_line_refused_with_file_line(tmp_path, capsys, bench_dir):
         shutil.copy(bench_dir / "factuality" / image, tmp_path / image)
     train.write_text("\n".join(lines[:2] + ['{"id": "x", "task": "factuality"}']) + "\n")
     data = f"{{source: files, files: {{train: ['{train}'], test: ['{train}']}}}}"
-    err = _refused(tmp_path, capsys, _config(tmp_path, data=data))
+    config = _config(tmp_path, data=data)
+    err = _refused(tmp_path, capsys, config)
     assert f"{train}:3: missing field" in err
+    assert f"`hkd data validate --labels --config {config} {train}` lists every bad line of the file" in err
+
+
+def test_image_above_max_image_pixels_refused_with_file_line(tmp_path, capsys):
+    err = _refused(tmp_path, capsys, _config(tmp_path), "--set", "data.max_image_pixels=1000")
+    data = tmp_path / "runs" / "r" / "data"
+    assert f"{data / 'hallucination' / 'train.jsonl'}:1: image is 112x112 = 12,544 pixels, above " \
+           "data.max_image_pixels (1,000)" in err
+
+
+def test_prompt_longer_than_the_context_refused_before_training(tmp_path, capsys, bench_dir):
+    train = tmp_path / "train.jsonl"
+    lines = (bench_dir / "factuality" / "train.jsonl").read_text().splitlines()
+    for image in {json.loads(line)["image"] for line in lines}:
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bench_dir / "factuality" / image, tmp_path / image)
+    long = json.loads(lines[1])
+    long["context"] = " ".join(["the red square is left of the blue circle"] * 600)
+    train.write_text("\n".join([lines[0], json.dumps(long), *lines[2:4]]) + "\n")
+    data = f"{{source: files, files: {{train: ['{train}'], test: ['{train}']}}}}"
+    err = _refused(tmp_path, capsys, _config(tmp_path, data=data))
+    assert f"{train}:2: prompt is " in err and "longer than the model's context of 4,096 tokens (levels.S)" in err
+    assert f"--model-dir {tmp_path / 'runs' / 'r' / 'models' / 'init' / 'S'} {train}`" in err
 
 
 def test_incomplete_level_model_dir_refused(tmp_path, capsys, tiny_model_dir):

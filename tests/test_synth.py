@@ -214,3 +214,12 @@ def test_custom_spec_and_validation(tmp_path: Path) -> None:
         SynthSpec(max_objects=17)
     with pytest.raises(ValueError):
         SynthSpec(shapes=("circle", "hexagon"))
+
+
+def test_claim_kinds_limit_what_claims_are_about() -> None:
+    spec = SynthSpec(claim_weights=(("naming", 1.0), ("recolour", 1.0)), claim_kinds=("attr", "size"))
+    import random
+    kinds = {e["facts"]["kind"] for e in synth._examples("factuality", random.Random(0), 60, spec)}
+    assert kinds <= {"attr", "size"} and "size" in kinds
+    with pytest.raises(ValueError, match="claim_kinds"):
+        SynthSpec(claim_weights=(("recolour", 1.0),), claim_kinds=("attr",))

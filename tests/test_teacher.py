@@ -15,9 +15,9 @@ from tests.conftest import TINY
 from workers import synth
 from workers.losses import forward_kl, teacher_topk, topk_forward_kl
 from workers.models import build_level, build_tokenizer, label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.prompts import collate_records, encode_records, record_units
 from workers.teacher import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.teacher_requests import TeacherRequest
 
 POOL = "t"
@@ -39,12 +39,13 @@ def pool(ray_session, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, records):
-    """A collated batch and the same model's in-process full-vocabulary logits on it."""
+    """A collated record batch (both tasks) and the same model's in-process full-vocabulary logits at its
+    supervised positions."""
     model, processor = load_model_dir(tiny_model_dir)
-    batch = collate(encode_units(expand_units(records[:3]), processor), processor.tokenizer.pad_token_id,
-                    model.config.image_token_id)
+    batch = collate_records(encode_records(record_units(records[:2] + records[-1:]), processor),
+                            processor.tokenizer.pad_token_id, model.config.image_token_id)
     with torch.no_grad():
-        logits = answer_logits(model.eval(), batch)
+        logits = position_logits(model.eval(), batch)
     return batch, logits, label_word_ids(processor.tokenizer)
 
 
@@ -70,6 +71,28 @@ def test_round_trip_matches_in_process(pool, reference, temperature):
     torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
     total = torch.cat([out["topk_logprobs"].float(), out["tail_logprob"].float()[:, None]], -1).logsumexp(-1)
     torch.testing.assert_close(total, torch.zeros(n), atol=1e-2, rtol=0)
+
+
+def test_a_record_with_n_options_gives_n_wire_entries(pool, tiny_model_dir, records):
+    """One forward per record: the actor answers every supervised position, in order, from one row each."""
+    model, processor = load_model_dir(tiny_model_dir)
+    rec = max((r for r in records if r["task"] == "hallucination"), key=lambda r: len(r["options"]))
+    claim = next(r for r in records if r["task"] == "factuality")
+    n = len(rec["options"])
+    assert n >= 2
+    batch = collate_records(encode_records(record_units([rec, claim]), processor),
+                            processor.tokenizer.pad_token_id, model.config.image_token_id)
+    wire = to_numpy_inputs(batch)
+    assert wire["input_ids"].shape[0] == 2 and wire["positions"].shape == (n + 1, 2)
+    out = _infer(pool, batch, 4, 1.0)
+    assert all(v.shape[0] == n + 1 for v in out.values())
+    with torch.no_grad():
+        logits = position_logits(model.eval(), batch)
+    label_ids = label_word_ids(processor.tokenizer)
+    torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
+    alone = _infer(pool, collate_records(encode_records(record_units([rec]), processor),
+                                         processor.tokenizer.pad_token_id, model.config.image_token_id), 4, 1.0)
+    torch.testing.assert_close(alone["label_logits"], out["label_logits"][:n], atol=1e-4, rtol=1e-4)
 
 
 def test_full_k_has_no_tail_and_matches_forward_kl(pool, reference, tokenizer):
@@ -132,11 +155,11 @@ def test_tokenizer_mismatch_refused(ray_session, tiny_model_dir, tmp_path):
 
 
 def _request_to(pool: TeacherPool, batch: dict, retries: int, resends: list) -> TeacherRequest:
-    """A teacher request for every row of `batch` (no cache), as the train loop makes it."""
-    n = len(batch["input_ids"])
+    """A teacher request for every supervised position of `batch` (no cache), as the train loop makes it."""
+    n = len(batch["positions"])
     send = functools.partial(pool.submit, to_numpy_inputs(batch), 4, 1.0)
-    return TeacherRequest(None, [str(i) for i in range(n)], [None] * n, list(range(n)), send, retries,
-                    lambda: resends.append(1))
+    return TeacherRequest(None, [str(i) for i in range(n)], [None] * n, list(range(n)), [True] * n, send, retries,
+                          lambda: resends.append(1))
 
 
 def test_call_to_a_replica_gone_for_good_is_resent_to_a_live_one(ray_session, tiny_model_dir, reference):

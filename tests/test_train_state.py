@@ -13,16 +13,16 @@ import torch
 from orchestrator.config import LoraSettings
 from workers.lora import add_lora
 from workers.models import load_model_dir
-from workers.prompts import collate, encode_units, expand_units
+from workers.prompts import collate_records, encode_records, record_units
 from workers.checkpoints import load_train_state, save_train_state
-from workers.inference import answer_logits
+from workers.inference import position_logits
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir, records):
     model, processor = load_model_dir(tiny_model_dir)
-    return collate(encode_units(expand_units(records[:4]), processor), processor.tokenizer.pad_token_id,
-                   model.config.image_token_id)
+    return collate_records(encode_records(record_units(records[:4]), processor),
+                           processor.tokenizer.pad_token_id, model.config.image_token_id)
 
 
 def _student(model_dir, lora: bool):
@@ -35,7 +35,7 @@ def _student(model_dir, lora: bool):
 
 def _step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
-    answer_logits(model.train(), batch).logsumexp(-1).mean().backward()
+    position_logits(model.train(), batch).logsumexp(-1).mean().backward()
     optimizer.step()
 
 
@@ -66,3 +66,23 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, batch, tmp_path)
     bigger = torch.nn.Linear(3, 3)
     with pytest.raises(RuntimeError):
         load_train_state(bigger, torch.optim.AdamW(bigger.parameters()), tmp_path / "ckpt")
+
+
+def test_every_restart_logs_where_it_started(tmp_path, monkeypatch):
+    """A restart is recorded whether it resumed (the loaded checkpoint's step) or found no registered checkpoint
+    and started from scratch (0); the first attempt and other ranks log nothing."""
+    import types
+
+    import ray.train
+    from pyarrow.fs import LocalFileSystem
+
+    from workers.checkpoints import ATTEMPTS_FILE, record_attempt
+
+    storage = types.SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(tmp_path))
+    monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
+    logged = []
+    logger = types.SimpleNamespace(log=lambda step, values, every: logged.append((step, values)))
+    for step, rank in [(0, 0), (0, 1), (0, 0), (77, 0)]:  # first attempt; then from scratch; then resumed
+        record_attempt(logger, step, rank)
+    assert logged == [(0, {"resumed_from_step": 0}), (77, {"resumed_from_step": 77})]
+    assert (tmp_path / ATTEMPTS_FILE).read_text() == "3"

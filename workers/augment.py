@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from workers import synth
+from workers.data import load_rgb
 
 AUGMENT_VERSION = "augment-1"  # bump when a transform changes, so cached teacher outputs go stale
 
@@ -89,8 +90,7 @@ def augment_record(record: dict, epoch: int, seed: int, cfg: AugmentConfig = Aug
     """A new, augmented copy of a loaded record (the input is not mutated); see the module doc."""
     rng = random.Random(f"{seed}/{epoch}/{record['id']}")
     rec = copy.deepcopy(record)
-    with Image.open(rec["image"]) as im:
-        img = np.asarray(im.convert("RGB"))
+    img = np.asarray(load_rgb(rec["image"]))
     scene = rec["scene"] if _is_scene(rec.get("scene")) else None
     if cfg.shuffle_options and rec.get("task") == "hallucination":
         _shuffle_options(rec, rng)

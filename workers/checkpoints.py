@@ -11,6 +11,7 @@ import torch
 from workers.lora import ADAPTER_DIR, is_lora, load_adapter_weights
 
 STATE_FILE = "trainer_state.pt"
+ATTEMPTS_FILE = "hkd_attempts"  # in a stage's Ray Train storage dir: its attempts started so far
 WEIGHTS_FILE = "weights.safetensors"  # a checkpoint's weights, named as the model holds them in memory
 
 
@@ -37,6 +38,32 @@ def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         return 0
     with ckpt.as_directory() as d:
         return load_train_state(model, optimizer, Path(d))
+
+
+def record_attempt(logger, step: int, rank: int) -> None:
+    """Rank 0 counts this attempt; every restart logs `resumed_from_step`: the step of the checkpoint it loaded,
+    0 when it starts from scratch. A restart is not always a resume: a reported checkpoint counts only once the
+    controller has polled the worker and registered it (`ray.train.get_checkpoint()` returns the latest one
+    registered), so a worker killed between its report and that poll leaves none, or only an older one."""
+    if rank == 0 and (attempts_before() or step):
+        logger.log(step, {"resumed_from_step": step}, every=1)
+
+
+def attempts_before() -> int:
+    """Attempts of this stage started before this one, counted in `ATTEMPTS_FILE` beside Ray Train's checkpoint
+    record in the stage's storage dir (so a re-run after a driver crash counts too); counts this one."""
+    import ray.train
+    from pyarrow.fs import FileType
+
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{ATTEMPTS_FILE}"
+    before = 0
+    if fs.get_file_info(path).type != FileType.NotFound:
+        with fs.open_input_stream(path) as f:
+            before = int(f.read().decode() or 0)
+    with fs.open_output_stream(path) as f:
+        f.write(str(before + 1).encode())
+    return before
 
 
 def save_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, ckpt: Path) -> None:

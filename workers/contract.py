@@ -91,7 +91,8 @@ class StageJob:
     """Everything `workers.train_loop.train_loop_per_worker` needs for one task stage.
 
     train_sets: the Ray Train dataset names, one per epoch when augmenting (the last one repeats);
-    n_units: training units per epoch (sets the step count); tracking: {uri, run_id} of the stage's MLflow run;
+    n_units: training records per epoch (sets the step count: a unit is a record, one forward each);
+    tracking: {uri, run_id} of the stage's MLflow run;
     progress: the file rank 0 writes its step count to (the driver's step bar)."""
 
     model_dir: str

@@ -1,4 +1,4 @@
-"""Per-epoch training data with augmentation: records → augmented records → prompt units → encoded rows.
+"""Per-epoch training data with augmentation: records → augmented records → encoded rows, one per record.
 
 Each epoch gets its own lazily executed Ray Data pipeline, so augmentation and image preprocessing run in
 Ray Data tasks ahead of the train workers (which never decode images) and no epoch is held in memory before
@@ -15,7 +15,7 @@ import ray.data
 
 from workers.augment import AugmentConfig, augment_record
 from workers.models import HKDProcessor
-from workers.prompts import encode_units, expand_units
+from workers.prompts import encode_records, record_units
 
 RECORDS_PER_TASK = 16
 
@@ -26,9 +26,10 @@ def encode_augmented(batch: dict[str, np.ndarray], processor: HKDProcessor, epoc
     units = []
     for blob in batch["record"]:
         aug = augment_record(json.loads(blob), epoch, seed, cfg)  # image in memory: nothing written
-        for unit in expand_units([{**aug, "image": aug["source_image"]}]):
-            units.append({**unit, "image_array": aug["image_array"], "aug_key": aug["aug_key"]})
-    out = encode_units(units, processor)
+        # the augmented record's option order is its label order: shuffled options keep their labels
+        (unit,) = record_units([{**aug, "image": aug["source_image"]}])
+        units.append({**unit, "image_array": aug["image_array"], "aug_key": aug["aug_key"]})
+    out = encode_records(units, processor)
     out["aug_key"] = np.array([u["aug_key"] for u in units])
     return out
 

@@ -9,22 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from workers.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
+from workers.data import load_rgb
 from workers.metrics import binary_metrics
 from workers.models import label_word_ids, load_model_dir
-from workers.prompts import collate, encode_units, expand_units
-from workers.inference import answer_logits, task_metrics
+from workers.prompts import collate_records, encode_records, record_units
+from workers.inference import position_logits, task_metrics
 
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,
                   threads: int | None = None, shift: dict[str, float] | None = None,
                   tta: bool = False, trust_remote_code: bool = False) -> dict:
-    """Margin and P(positive) per unit, metrics per task (when labelled) and inference samples/s.
+    """Margin and P(positive) per decision, metrics per task (when labelled) and inference decisions/s.
 
-    `margin` is logit(yes) − logit(no), averaged with the horizontally flipped view when `tta` (image mirrored,
-    left/right swapped in the text). `prob` = sigmoid(margin + shift[task]), and the metrics use it; `shift`
+    One forward per record: `positions` lists the decisions in order (one per supervised position: Task 1 one
+    per option, Task 2 one), each `{uid: "<record id>#<slot>", record_id, task, target}`. `margin` is
+    logit(yes) − logit(no) there, averaged with the horizontally flipped view when `tta` (image mirrored,
+    left/right swapped in the user text and in the options). `prob` = sigmoid(margin + shift[task]), and the metrics use it; `shift`
     defaults to the offsets stored in the model dir (`{}` scores without a shift).
     """
     if threads:
@@ -32,11 +35,13 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     shift = load_shift(model_dir) if shift is None else shift
     model, processor = load_model_dir(model_dir, trust_remote_code=trust_remote_code)
     label_ids = label_word_ids(processor.tokenizer)
-    units = expand_units(records)
+    units = record_units(records)
+    positions = [{"uid": f"{u['record_id']}#{slot}", "record_id": u["record_id"], "task": u["task"],
+                  "target": target} for u in units for slot, target in enumerate(u["targets"])]
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
 
     def margins_of(batch_units: list[dict]) -> np.ndarray:
-        batches = (collate(encode_units(batch_units[i:i + batch_size], processor), pad_id, image_id)
+        batches = (collate_records(encode_records(batch_units[i:i + batch_size], processor), pad_id, image_id)
                    for i in range(0, len(batch_units), batch_size))
         return _margins(model, batches, label_ids)
 
@@ -46,18 +51,18 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
         with tempfile.TemporaryDirectory(prefix="hkd-tta-") as tmp:
             margin = (margin + margins_of(_flipped(units, Path(tmp)))) / 2
     elapsed = time.perf_counter() - start
-    return {"units": units, "margin": margin, **shifted(units, margin, shift),
-            "samples_per_s": len(units) / max(elapsed, 1e-9)}
+    return {"positions": positions, "margin": margin, **shifted(positions, margin, shift),
+            "samples_per_s": len(positions) / max(elapsed, 1e-9)}
 
 
 def calibrate_model(model_dir: str | Path, records: list[dict], threads: int | None = None, tta: bool = False,
                     trust_remote_code: bool = False) -> dict:
     """Mapping shift: per-task offset on the label-word margin that maximises macro-F1 on labelled `records`
     (`calibration.calibrate`), stored in the model dir (used by `hkd evaluate` and `hkd predict`).
-    Returns {offsets: {task: b}, val: {task: calibrate's result}, n: {task: units}}."""
+    Returns {offsets: {task: b}, val: {task: calibrate's result}, n: {task: decisions}}."""
     scored = score_records(model_dir, records, threads=threads, shift={}, tta=tta, trust_remote_code=trust_remote_code)
-    tasks = np.array([u["task"] for u in scored["units"]])
-    targets = np.array([u["target"] for u in scored["units"]])
+    tasks = np.array([p["task"] for p in scored["positions"]])
+    targets = np.array([p["target"] for p in scored["positions"]])
     names = sorted(set(tasks.tolist()))
     per_task = {task: calibrate(scored["margin"][tasks == task], targets[tasks == task]) for task in names}
     offsets = {task: c["offset"] for task, c in per_task.items()}
@@ -65,12 +70,13 @@ def calibrate_model(model_dir: str | Path, records: list[dict], threads: int | N
     return {"offsets": offsets, "val": per_task, "n": {task: int(np.sum(tasks == task)) for task in names}}
 
 
-def shifted(units: list[dict], margin: np.ndarray, shift: dict[str, float]) -> dict:
-    """P(positive) = sigmoid(margin + shift[task]) and the metrics per task on the labelled units; lets a
-    caller score another shift of the same margins without running the model again."""
-    tasks = np.array([u["task"] for u in units])
+def shifted(positions: list[dict], margin: np.ndarray, shift: dict[str, float]) -> dict:
+    """P(positive) = sigmoid(margin + shift[task]) and the metrics per task on the labelled decisions
+    (`score_records`' positions); lets a caller score another shift of the same margins without running the
+    model again."""
+    tasks = np.array([p["task"] for p in positions])
     prob = sigmoid(margin + np.array([shift.get(t, 0.0) for t in tasks.tolist()]))
-    target = np.array([u["target"] for u in units])
+    target = np.array([p["target"] for p in positions])
     labelled = target >= 0
     metrics = {}
     if labelled.any():
@@ -80,30 +86,31 @@ def shifted(units: list[dict], margin: np.ndarray, shift: dict[str, float]) -> d
 
 @torch.no_grad()
 def _margins(model: torch.nn.Module, batches: Iterable[dict], label_ids: tuple[int, int]) -> np.ndarray:
-    """logit(positive word) − logit(negative word) for every unit, in order (float64)."""
+    """logit(positive word) − logit(negative word) at every supervised position, in order (float64)."""
     model.eval()
     out = [(logits[:, label_ids[0]] - logits[:, label_ids[1]]).double().numpy()
-           for logits in (answer_logits(model, b) for b in batches)]
+           for logits in (position_logits(model, b) for b in batches)]
     return np.concatenate(out)
 
 
 def _flipped(units: list[dict], tmp: Path) -> list[dict]:
-    """The units' mirror view: each distinct image mirrored once into `tmp`, left/right swapped in the text."""
+    """The records' mirror view: each distinct image mirrored once into `tmp`, left/right swapped in the user
+    text and in the options (`answer`; the option markers carry no side word)."""
     paths: dict[str, str] = {}
     for u in units:
         if u["image"] not in paths:
             paths[u["image"]] = str(tmp / f"{len(paths)}.png")
-            with Image.open(u["image"]) as im:
-                ImageOps.mirror(im.convert("RGB")).save(paths[u["image"]])
-    return [{**u, "image": paths[u["image"]], "text": flip_text(u["text"])} for u in units]
+            ImageOps.mirror(load_rgb(u["image"])).save(paths[u["image"]])
+    return [{**u, "image": paths[u["image"]], "text": flip_text(u["text"]), "answer": flip_text(u["answer"])}
+            for u in units]
 
 
 def prediction_rows(records: list[dict], scored: dict) -> list[dict]:
     """One output row per record, in order: Task 1 `{id, hallucinated, scores}`, Task 2 `{id, label, score}`;
     scores are P(positive) after the shift and decisions are score ≥ 0.5."""
     probs: dict[str, list[float]] = {}
-    for unit, p in zip(scored["units"], scored["prob"].tolist()):
-        probs.setdefault(unit["record_id"], []).append(p)
+    for position, p in zip(scored["positions"], scored["prob"].tolist()):
+        probs.setdefault(position["record_id"], []).append(p)
     rows = []
     for rec in records:
         p = probs[rec["id"]]

@@ -81,7 +81,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from workers.checkpoints import report_checkpoint, resume
+    from workers.checkpoints import record_attempt, report_checkpoint, resume
     from workers.inference import to_device
     from workers.optim import adamw, set_lr, update
     from workers.step_log import StepLogger
@@ -106,6 +106,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
 
     held_out = batch_of(-1 - seed, 64)  # training seeds are >= 0: these scenes are never trained on
     logger = StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
+    record_attempt(logger, step, rank)
     ddp_model.train()
     metrics: dict[str, float] = {}
     while step < total:

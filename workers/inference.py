@@ -1,5 +1,5 @@
-"""Inference shared by training, evaluation and the teacher actor: the supervised position's logits,
-P(positive), predictions over batches and their metrics per task."""
+"""Inference shared by training, evaluation and the teacher actor: the logits at every supervised position of
+a record batch (one forward per record), P(positive), predictions over batches and their metrics per task."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from workers.metrics import binary_metrics
 from workers.prompts import model_inputs
 
 
-def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Full-vocabulary logits at the supervised (last prompt) position: [N, V]."""
-    return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
+def position_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Full-vocabulary logits at every supervised position of a record batch (`batch["positions"]`, [P, 2]
+    (row, column)): [P, V]. The LM head runs only on the columns some row supervises."""
+    cols, index = torch.unique(batch["positions"][:, 1], return_inverse=True)
+    logits = model(**model_inputs(batch), logits_to_keep=cols).logits
+    return logits[batch["positions"][:, 0], index].float()
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
@@ -34,16 +37,20 @@ def target_token_ids(targets: torch.Tensor, label_ids: tuple[int, int]) -> torch
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], label_ids: tuple[int, int]) -> dict[str, np.ndarray]:
-    """P(positive) for every unit in the (collated) batches, with uids and targets, in order."""
+    """P(positive) at every supervised position of the (collated record) batches, in order, with its uid
+    (`"<record id>#<slot>"`), target and task."""
     was_training = model.training
     model.eval()
-    uids, probs, targets = [], [], []
+    uids, probs, targets, tasks = [], [], [], []
     for batch in batches:
-        probs.append(positive_prob(answer_logits(model, batch), label_ids).cpu().numpy())
-        uids.extend(batch["uid"])
+        probs.append(positive_prob(position_logits(model, batch), label_ids).cpu().numpy())
+        rows, slots = batch["positions"][:, 0].tolist(), batch["slot"].tolist()
+        uids.extend(f"{batch['uid'][r]}#{s}" for r, s in zip(rows, slots))
         targets.append(batch["target"].cpu().numpy())
+        tasks.extend(batch["row_task"])
     model.train(was_training)
-    return {"uid": np.array(uids), "prob": np.concatenate(probs), "target": np.concatenate(targets)}
+    return {"uid": np.array(uids), "prob": np.concatenate(probs), "target": np.concatenate(targets),
+            "task": np.array(tasks)}
 
 
 def task_metrics(pred: dict[str, np.ndarray], tasks: np.ndarray) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """Records → verification prompts → model inputs.
 
-Both tasks become one chat prompt per decision (Task 1: one per option), ending at the assistant turn.
-The supervised position is the last prompt token, whose next-token distribution is read at the label
-words ("yes"/"no"); P(positive) is the softmax over those two logits.
+One forward per record. Both tasks become one chat prompt per record. Task 1 lists the record's options in
+the assistant turn, each wrapped in Qwen's referring-expression tokens; each option's supervised position is
+its closing token. Task 2 has one supervised position, the last prompt token. At each supervised position the
+next-token distribution is read at the label words ("yes"/"no"); P(positive) is the softmax over those two
+logits. No gold label ever appears in the input, so one option's label cannot leak into another's decision.
 """
 
 from __future__ import annotations
@@ -11,54 +13,66 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.data import load_rgb
 from workers.models import HKDProcessor
 
-HALLUCINATION_QUESTION = "Is the phrase hallucinated?"
 FACTUALITY_QUESTION = "Is the claim true?"
 
 
-def expand_units(records: list[dict]) -> list[dict]:
-    """One unit per decision: Task 1 records expand to one unit per option. Target -1 when unlabelled."""
+OPTION_OPEN, OPTION_CLOSE = "<|object_ref_start|>", "<|object_ref_end|>"
+HALLUCINATION_REQUEST = "Which phrases are hallucinated?"
+
+
+def record_units(records: list[dict]) -> list[dict]:
+    """One unit per record: its prompt (user text, assistant text) and one target per supervised position
+    (Task 1: one per option; Task 2: one), -1 where unlabelled."""
     units = []
     for rec in records:
         if rec["task"] == "hallucination":
             labels = rec.get("hallucinated")
-            for i, option in enumerate(rec["options"]):
-                text = f"Caption: {rec['caption']}\nPhrase: {option}\n{HALLUCINATION_QUESTION}"
-                target = -1 if labels is None else int(labels[i])
-                units.append(_unit(rec, i, text, target))
+            user = f"Caption: {rec['caption']}\n{HALLUCINATION_REQUEST}"
+            answer = "\n".join(f"{OPTION_OPEN}{o}{OPTION_CLOSE}" for o in rec["options"])
+            targets = [-1] * len(rec["options"]) if labels is None else [int(v) for v in labels]
         else:
             label = rec.get("label")
-            text = f"Context: {rec['context']}\nClaim: {rec['claim']}\n{FACTUALITY_QUESTION}"
-            units.append(_unit(rec, 0, text, -1 if label is None else int(label)))
+            user, answer = f"Context: {rec['context']}\nClaim: {rec['claim']}\n{FACTUALITY_QUESTION}", ""
+            targets = [-1 if label is None else int(label)]
+        units.append({"uid": rec["id"], "record_id": rec["id"], "task": rec["task"], "image": rec["image"],
+                      "text": user, "answer": answer, "targets": targets})
     return units
 
 
-def _unit(rec: dict, index: int, text: str, target: int) -> dict:
-    return {"uid": f"{rec['id']}#{index}", "record_id": rec["id"], "task": rec["task"], "index": index,
-            "image": rec["image"], "text": text, "target": target}
-
-
-def encode_units(units: dict[str, np.ndarray] | list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
-    """Tokenize prompts and preprocess images, one row per unit (no padding: `collate` pads per batch).
+def encode_records(units: dict[str, np.ndarray] | list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
+    """Tokenize prompts and preprocess images, one row per record (no padding: `collate_records` pads per
+    batch), with the supervised positions of each row (indices into its unpadded `input_ids`: each option's
+    closing token, else the last token) and their targets.
 
     Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
-    `input_ids` and per-image `pixel_values` are object arrays. A unit with `image_array` (an augmented
-    image in memory, uint8 HxWx3) uses it instead of reading `image`.
+    `input_ids`, `positions`, `targets` and per-image `pixel_values` are object arrays. A unit with
+    `image_array` (an augmented image in memory, uint8 HxWx3) uses it instead of reading `image`.
     """
     rows = _as_rows(units)
-    images = [Image.fromarray(r["image_array"]) if "image_array" in r else Image.open(r["image"]).convert("RGB")
-              for r in rows]
+    images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
-        add_generation_prompt=True, tokenize=False) for r in rows]
+        add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
     enc = processor(text=texts, images=images, padding=False, return_tensors=None)
+    close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
+    ids = [np.asarray(i, dtype=np.int64) for i in enc["input_ids"]]
+    positions = []
+    for r, seq in zip(rows, ids):
+        pos = np.flatnonzero(seq == close_id) if r["answer"] else np.array([len(seq) - 1])
+        if len(pos) != len(r["targets"]):
+            raise ValueError(f"record {r['uid']}: {len(r['targets'])} answers expected, {len(pos)} answer "
+                             f"positions found (does a text field contain {OPTION_CLOSE}?)")
+        positions.append(pos.astype(np.int64))
     pixels = np.asarray(enc["pixel_values"], dtype=np.float16)  # half the bytes in the object store
     grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(len(rows), 3)
-    splits = np.cumsum(grids.prod(axis=1))[:-1]
-    out = {k: np.array([r[k] for r in rows]) for k in ("uid", "record_id", "task", "index", "target")}
-    out["input_ids"] = _object_array([np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]])
-    out["pixel_values"] = _object_array(np.split(pixels, splits))
+    out = {k: np.array([r[k] for r in rows]) for k in ("uid", "record_id", "task")}
+    out["input_ids"] = _object_array(ids)
+    out["positions"] = _object_array(positions)
+    out["targets"] = _object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
+    out["pixel_values"] = _object_array(np.split(pixels, np.cumsum(grids.prod(axis=1))[:-1]))
     out["image_grid_thw"] = grids
     return out
 
@@ -76,16 +90,21 @@ def _object_array(items: list[np.ndarray]) -> np.ndarray:
     return arr
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a column batch into model inputs (plus `target`, `uid` and `aug_key` passthrough; `aug_key`
-    is "" for un-augmented units)."""
+def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict:
+    """Left-pad a column batch of encoded records into model inputs, plus, per supervised position, its
+    (row, column) in the padded batch (`positions`, [P, 2]), `target` [P], `slot` [P] (option index) and
+    `row_task` [P]; `uid` and `aug_key` pass through per row (`aug_key` "" for un-augmented records)."""
     seqs = [np.asarray(s) for s in batch["input_ids"]]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
+    rows, cols, slots = [], [], []
+    for i, (s, pos) in enumerate(zip(seqs, batch["positions"])):
         ids[i, width - len(s):] = torch.from_numpy(s.astype(np.int64))
         mask[i, width - len(s):] = 1
+        rows += [i] * len(pos)
+        cols += (np.asarray(pos) + width - len(s)).tolist()
+        slots += list(range(len(pos)))
     pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
     return {
         "input_ids": ids,
@@ -93,21 +112,31 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> d
         "mm_token_type_ids": (ids == image_token_id).int(),
         "pixel_values": pixels,
         "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long),
-        "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
-        "uid": list(batch["uid"]),
-        "aug_key": list(batch["aug_key"]) if "aug_key" in batch else [""] * len(seqs),
+        "positions": torch.as_tensor(np.stack([rows, cols], axis=1).reshape(-1, 2), dtype=torch.long),
+        "target": torch.as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in batch["targets"]])),
+        "slot": torch.as_tensor(slots, dtype=torch.long),
+        "row_task": [str(batch["task"][r]) for r in rows],
+        "uid": [str(u) for u in batch["uid"]],
+        "aug_key": [str(a) for a in batch["aug_key"]] if "aug_key" in batch else [""] * len(seqs),
     }
 
 
 def select_rows(batch: dict, rows: list[int]) -> dict:
-    """The model inputs of some rows of a collated batch (each row's image patches follow it)."""
+    """The model inputs and supervised positions of some rows (ascending) of a collated batch: each row's image
+    patches follow it, the padded width stays (so position columns stay valid) and `positions` is re-indexed
+    to the selected rows, in the batch's order."""
     patches = batch["image_grid_thw"].prod(dim=1)
     starts = torch.cumsum(patches, 0) - patches
     pixels = torch.cat([batch["pixel_values"][starts[i]:starts[i] + patches[i]] for i in rows])
     index = torch.as_tensor(rows, dtype=torch.long)
+    new_row = torch.full((len(batch["input_ids"]),), -1, dtype=torch.long, device=index.device)
+    new_row[index] = torch.arange(len(rows), device=index.device)
+    positions = batch["positions"]
+    kept = new_row.to(positions.device)[positions[:, 0]]
+    positions = torch.stack([kept, positions[:, 1]], dim=1)[kept >= 0]
     return {"input_ids": batch["input_ids"][index], "attention_mask": batch["attention_mask"][index],
             "mm_token_type_ids": batch["mm_token_type_ids"][index], "pixel_values": pixels,
-            "image_grid_thw": batch["image_grid_thw"][index]}
+            "image_grid_thw": batch["image_grid_thw"][index], "positions": positions}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -90,6 +90,8 @@ class SynthSpec:
     hard_share: float = 0.5
     # Task 1: chance that a count option is about a shape present in the scene.
     present_count_share: float = 0.75
+    # Task 2: what a claim may be about (attribute, size, relation, count); each claim type keeps the ones it has.
+    claim_kinds: tuple[str, ...] = ("attr", "size", "relation", "count")
 
     def __post_init__(self) -> None:
         grid = self.image_size // self.cell_px
@@ -110,6 +112,8 @@ class SynthSpec:
             and sum(w for _, w in self.claim_weights) > 0,
             "hard_share must be in [0, 1]": 0.0 <= self.hard_share <= 1.0,
             "present_count_share must be in [0, 1]": 0.0 <= self.present_count_share <= 1.0,
+            "every claim type needs one of its claim_kinds": all(
+                set(_CLAIM_KINDS.get(k, ())) & set(self.claim_kinds) for k, w in self.claim_weights if w > 0),
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
@@ -451,7 +455,7 @@ def _t2_example(rng: random.Random, spec: SynthSpec, label: bool,
     aim at numbers true ones have shown (true_counts, updated here) for the same reason.
     """
     ctype = _weighted(rng, dict(spec.claim_weights))
-    kind = rng.choice(_CLAIM_KINDS[ctype])
+    kind = rng.choice([k for k in _CLAIM_KINDS[ctype] if k in spec.claim_kinds])
     ns = range(spec.max_objects + 1)
     for _ in range(1000):
         scene = _make_scene(rng, spec)

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from workers.inference import answer_logits
+from workers.inference import position_logits
 from workers.losses import teacher_topk
 from workers.models import HKDProcessor, check_same_tokenizer, count_parameters, label_word_ids, load_model_dir
 from workers.prompts import model_inputs
@@ -29,13 +29,15 @@ _HASH_CHUNK = 1 << 20
 
 
 def to_numpy_inputs(batch: dict, pixel_dtype: np.dtype | None = np.float16) -> dict[str, np.ndarray]:
-    """Model inputs of a collated batch as numpy, for the wire.
+    """Model inputs of a collated record batch and its supervised `positions` ([P, 2] (row, column)) as
+    numpy, for the wire.
 
     Pixels go as fp16 by default, halving the largest input: lossless for batches from
-    `workers.prompts.encode_units`, which already stores pixels as fp16 (collate only upcasts them).
+    `workers.prompts.encode_records`, which already stores pixels as fp16 (collate_records only upcasts them).
     Pass `pixel_dtype=None` to send them unchanged.
     """
-    out = {k: v.detach().cpu().numpy() for k, v in model_inputs(batch).items()}
+    tensors = {**model_inputs(batch), "positions": batch["positions"]}
+    out = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
     if pixel_dtype is not None:
         out["pixel_values"] = out["pixel_values"].astype(pixel_dtype)
     return out
@@ -48,7 +50,7 @@ def from_wire(out: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def wire_outputs(logits: torch.Tensor, label_ids: tuple[int, int], k: int,
                  temperature: float) -> dict[str, np.ndarray]:
-    """What a teacher sends for [N, V] supervised-position logits: top-k + tail at T, raw label logits."""
+    """What a teacher sends for [P, V] supervised-position logits: top-k + tail at T, raw label logits."""
     topk_logprobs, topk_ids, tail = teacher_topk(logits, k, temperature)
     return {
         "topk_logprobs": topk_logprobs.cpu().numpy(),
@@ -96,17 +98,19 @@ class Teacher:
         self.model.eval().requires_grad_(False)
         self.vocab = len(processor.tokenizer)
         self.label_ids = label_word_ids(processor.tokenizer)
-        self.served = self.served_units = 0  # batches and units answered (forwards a cache saved are absent)
+        # batches and supervised positions answered (forwards a cache saved are absent)
+        self.served = self.served_units = 0
         self._fingerprint: str | None = None
 
     @torch.inference_mode()
     def infer(self, batch: dict[str, np.ndarray], k: int, temperature: float) -> dict[str, np.ndarray]:
-        """Top-k log-probs, ids and tail at `temperature`, plus raw label-word logits, at the last position."""
+        """Top-k log-probs, ids and tail at `temperature`, plus raw label-word logits, at every supervised
+        position of the batch ([P, …], in the order of `batch["positions"]`)."""
         inputs = {}
         for key, value in batch.items():
             tensor = torch.tensor(value, device=self.device)  # copies: the arrays Ray hands us are read-only
             inputs[key] = tensor.to(self.model.dtype) if tensor.is_floating_point() else tensor
-        logits = answer_logits(self.model, inputs)[:, :self.vocab]  # the forward the student trains through
+        logits = position_logits(self.model, inputs)[:, :self.vocab]  # the forward the student trains through
         out = wire_outputs(logits, self.label_ids, k, temperature)
         self.served += 1
         self.served_units += logits.shape[0]

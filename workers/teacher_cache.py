@@ -3,10 +3,11 @@
 Layout: `<root>/<teacher fingerprint>/k<k>-T<temperature>/<sha256[:32]>.arrow`. The fingerprint hashes the
 teacher dir's config and weights (`teacher.dir_fingerprint`), so a changed teacher can never hit old
 entries; k and the temperature name what was stored (top-k log-probs at T need the full vocabulary, which
-never leaves the teacher). Within a namespace, each row is keyed by `<unit uid>|<aug_key>` (`aug_key` names
-the record id, epoch, seed and augmentation config; "" for an un-augmented unit).
+never leaves the teacher). Within a namespace, each row is one supervised position, keyed by
+`<record id>#<slot>|<aug_key>` (`teacher_requests.position_keys`; `aug_key` names the record id, epoch, seed and
+augmentation config; "" for an un-augmented record).
 
-A shard is an Arrow IPC file holding one batch's misses, named by the sha256 of its bytes and written to a
+A shard is an Arrow IPC file holding one batch's missing positions, named by the sha256 of its bytes and written to a
 temporary name then renamed: a reader recomputes the hash, so a truncated or corrupted shard is detected,
 deleted and its keys recomputed, never used. Identical content gets an identical name, so concurrent trials
 writing the same answers are harmless. All I/O goes through pyarrow filesystems (local paths or URIs such as

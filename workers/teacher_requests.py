@@ -2,8 +2,9 @@
 
 Teacher outputs for batch i+`prefetch` are requested before step i is computed, so teacher latency hides
 behind student compute; each batch carries its own requests, so outputs never cross batches. With a cache
-(`StageLossConfig.cache`), each teacher's cache is asked first and only the missing rows go to the teacher;
-their answers are stored for later epochs and trials.
+(`StageLossConfig.cache`), each teacher's cache is asked first, per supervised position (key
+`"<record id>#<slot>|<aug_key>"`); a record with any missing position goes to the teacher whole (one forward
+per record), and all its positions' answers are stored for later epochs and trials.
 """
 
 from __future__ import annotations
@@ -59,19 +60,24 @@ class TeacherRequests:
     def _request(self, batch: dict, pool, temperature: float, index: int) -> TeacherRequest:
         from workers.prompts import select_rows
         from workers.teacher import to_numpy_inputs
-        from workers.teacher_cache import unit_key
 
         cache = self.caches[index] if self.caches else None
-        keys = [unit_key(u, a) for u, a in zip(batch["uid"], batch["aug_key"])]
+        keys = position_keys(batch)
         found = cache.get(keys) if cache else [None] * len(keys)
-        missing = [i for i, row in enumerate(found) if row is None]
+        rows = batch["positions"][:, 0].tolist()
+        resend = {rows[i] for i, row in enumerate(found) if row is None}
+        # every position of a resent record comes back fresh, in the batch's position order
+        missing = [i for i, r in enumerate(rows) if r in resend]
+        store = [found[i] is None for i in missing]  # what the cache lacked (the rest it holds already)
+        found = [None if r in resend else row for r, row in zip(rows, found)]
         send = None
         if missing:
-            wire = to_numpy_inputs(batch if len(missing) == len(keys) else select_rows(batch, missing))
+            whole = len(resend) == len(batch["input_ids"])
+            wire = to_numpy_inputs(batch if whole else select_rows(batch, sorted(resend)))
             send = functools.partial(pool.submit, wire, self.cfg.k, temperature)  # again on a teacher crash
             self.teacher_calls += 1
             self.teacher_units += len(missing)
-        return TeacherRequest(cache, keys, found, missing, send, self.cfg.call_retries, self._count_resend)
+        return TeacherRequest(cache, keys, found, missing, store, send, self.cfg.call_retries, self._count_resend)
 
     def _count_resend(self) -> None:
         self.teacher_resends += 1
@@ -98,8 +104,18 @@ class TeacherRequests:
         return out
 
 
+def position_keys(batch: dict) -> list[str]:
+    """The teacher-cache key of every supervised position of a collated record batch, in order:
+    `"<record id>#<slot>|<aug_key>"`, so two positions of one record never share a key."""
+    from workers.teacher_cache import unit_key
+
+    rows, slots = batch["positions"][:, 0].tolist(), batch["slot"].tolist()
+    return [unit_key(f"{batch['uid'][r]}#{s}", batch["aug_key"][r]) for r, s in zip(rows, slots)]
+
+
 class TeacherRequest:
-    """One teacher's answer for one batch: rows found in the cache plus a teacher call for the misses.
+    """One teacher's answer for one batch: positions found in the cache plus a teacher call for the records with
+    a miss (`missing`: the indices of those records' positions, in order; their `found` entries are None).
 
     Ray retries a call whose replica dies (`max_task_retries`), but a replica killed again while the call is
     queued, or one that is restarting, can still fail it with a `RayActorError`. The call is then sent again,
@@ -107,8 +123,9 @@ class TeacherRequest:
     crashes cost seconds inside the worker instead of a Ray Train worker failure (`max_failures`).
     """
 
-    def __init__(self, cache, keys: list[str], found: list, missing: list[int], send, retries: int, on_resend):
-        self.cache, self.keys, self.found, self.missing = cache, keys, found, missing
+    def __init__(self, cache, keys: list[str], found: list, missing: list[int], store: list[bool], send,
+                 retries: int, on_resend):
+        self.cache, self.keys, self.found, self.missing, self.store = cache, keys, found, missing, store
         self.send, self.retries, self.on_resend = send, retries, on_resend
         self.ref = send() if send is not None else None
 
@@ -119,7 +136,8 @@ class TeacherRequest:
         if self.cache is None:
             return fresh
         if fresh is not None:
-            self.cache.put([self.keys[i] for i in self.missing], fresh)
+            new = np.flatnonzero(self.store)
+            self.cache.put([self.keys[self.missing[j]] for j in new], {f: v[new] for f, v in fresh.items()})
         return merge(self.found, fresh)
 
     def _fetch(self) -> dict[str, np.ndarray]:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import itertools
 import time
 
-import numpy as np
 import torch
 
-from workers.checkpoints import report_checkpoint, resume
+from workers.checkpoints import record_attempt, report_checkpoint, resume
 from workers.contract import StageJob
-from workers.inference import answer_logits, predict, task_metrics, to_device
+from workers.inference import position_logits, predict, task_metrics, to_device
 from workers.lora import add_lora
 from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_model_dir
 from workers.objectives import StageObjective
 from workers.optim import adamw, set_lr, update
-from workers.prompts import collate
+from workers.prompts import collate_records
 from workers.step_log import StepLogger, Throughput, summed
 from workers.teacher_requests import TeacherRequests
 
@@ -63,8 +62,7 @@ class StageRun:
         self.total = max(1, round(tc.epochs * self.steps_per_epoch))
         self.warmup = max(1, int(tc.warmup_ratio * self.total))
         self.logger = StepLogger(job.tracking, enabled=self.rank == 0, progress=job.progress, total=self.total)
-        if self.step:
-            self.logger.log(self.step, {"resumed_from_step": self.step}, every=1)  # where a restarted attempt picked up
+        record_attempt(self.logger, self.step, self.rank)  # a restart logs where it picked up
         self.ddp_model.train()
         self.throughput = Throughput(tc.batch_size * self.world)
 
@@ -80,7 +78,7 @@ class StageRun:
         raw_batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
         pad_id, image_id = self.processor.tokenizer.pad_token_id, self.model.config.image_token_id
-        batches = (to_device(collate(raw, pad_id, image_id), self.device)
+        batches = (to_device(collate_records(raw, pad_id, image_id), self.device)
                    for raw in itertools.islice(raw_batches, epoch_end - self.step))
         self.throughput.resume()
         for batch, pending in self.requests.with_teacher_outputs(batches):
@@ -92,7 +90,7 @@ class StageRun:
         teacher_out, teacher_wait = self.requests.wait(pending)
         t0 = time.perf_counter()
         set_lr(self.optimizer, tc.lr, self.step, self.total, self.warmup)
-        loss, terms = self.objective(answer_logits(self.ddp_model, batch), batch["target"], teacher_out)
+        loss, terms = self.objective(position_logits(self.ddp_model, batch), batch["target"], teacher_out)
         update(loss, self.model, self.optimizer, tc.grad_clip)
         self.step += 1
         self.throughput.tick()
@@ -125,13 +123,13 @@ class StageRun:
 
 def evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
                    batch_size: int) -> dict[str, float]:
-    """Metrics per task on the whole validation split (rank 0 reads it unsplit)."""
+    """Metrics per task on the whole validation split (rank 0 reads it unsplit), one entry per supervised
+    position with that position's task."""
     import ray.train
 
     val = ray.train.get_dataset_shard("val")
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
-    tasks, batches = [], []
-    for raw in val.iter_batches(batch_size=batch_size * 2, batch_format="numpy"):
-        tasks.append(raw["task"])
-        batches.append(to_device(collate(raw, pad_id, image_id), model.device))
-    return task_metrics(predict(model, batches, label_ids), np.concatenate(tasks))
+    batches = (to_device(collate_records(raw, pad_id, image_id), model.device)
+               for raw in val.iter_batches(batch_size=batch_size * 2, batch_format="numpy"))
+    pred = predict(model, batches, label_ids)
+    return task_metrics(pred, pred["task"])
