@@ -86,7 +86,7 @@ def _ray(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
 
 
 def _submit(head: dict, job_id: str, run_dir: Path, uri: str, extra: list[str]) -> subprocess.Popen:
-    """The README's command: working dir = this checkout, the tracking URI through the runtime env."""
+    """The command of docs/cluster.md: working dir = this checkout, the tracking URI through the runtime env."""
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"},
                    "excludes": EXCLUDES}
     sets = [arg for item in SHRINK + extra + [f"name={job_id}"] for arg in ("--set", item)]
