@@ -18,7 +18,8 @@ TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_
 
 
 def _config(tmp_path) -> str:
-    """The levels are grounding-pretrained first, so DDP runs in that loop too."""
+    """The levels are grounding-pretrained first, so DDP runs in that loop too. Validation every step: rank 0
+    scores mid-epoch while the other worker waits at its all-reduce."""
     path = tmp_path / "tiny2.yaml"
     path.write_text(f"""
 name: tiny2
@@ -26,7 +27,7 @@ vocab_size: 512
 data: {{source: synth, synth: {{train: 8, val: 4, test: 4}}}}
 levels: {{L: {TINY}, S: {TINY}}}
 pretrain: {{enabled: true, steps: 2, batch_size: 2, log_every: 1}}
-direct: {{levels: [L, S], train: {{epochs: 2, batch_size: 4, log_every: 1}}}}
+direct: {{levels: [L, S], train: {{epochs: 2, batch_size: 4, log_every: 1, eval_every: 1}}}}
 resources: {{num_workers: 2, cpus_per_worker: 1}}
 """)
     return str(path)
@@ -66,6 +67,10 @@ def test_run_end_to_end(tmp_path, capsys):
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(stages["S-direct"].info.run_id, "loss")) >= 2
     assert "test/hallucination/f1" in stages["S-direct"].data.metrics
+    # The learning curve: validation macro-F1 at every step (2 steps per epoch, 2 epochs), each scored once.
+    for task in ("hallucination", "factuality"):
+        curve = client.get_metric_history(stages["S-direct"].info.run_id, f"val/{task}/f1")
+        assert sorted(m.step for m in curve) == [1, 2, 3, 4] and all(0 <= m.value <= 1 for m in curve)
 
     # Running again skips finished stages and leaves their models untouched.
     mtime = (run_dir / "models" / "S" / "model.safetensors").stat().st_mtime
