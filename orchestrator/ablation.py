@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator.config import RunConfig, load_config
 from orchestrator.pipeline import model_dir, run
 from orchestrator.plots import table_bars
-from orchestrator.report import final_row, markdown_table, write_json
+from orchestrator.report import final_row, markdown_table, type_tables, write_json
 from orchestrator.stages import fingerprints, plan_stages
 from orchestrator.tracking import tracking_uri
 
@@ -45,7 +45,7 @@ def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, l
         rows[name] = final_row(run(variant, variant_dir, log))
     report["ablation"] = rows
     write_json(run_dir, report)
-    (run_dir / "report.md").write_text(markdown_table(report) + "\n## Ablation\n\n"
+    (run_dir / "report.md").write_text(markdown_table(report) + type_tables(report) + "\n## Ablation\n\n"
                                        + markdown_table({"rows": rows}))
     table_bars({"rows": rows}, run_dir / "plots" / "ablation_parts.png")
     return report

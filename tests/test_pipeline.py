@@ -53,6 +53,7 @@ def test_run_end_to_end(tmp_path, capsys):
         stage = json.loads((run_dir / "stages" / f"{level}-direct.json").read_text())
         assert stage["val"]["world_size"] == 2 and stage["val"]["steps"] >= 2
     assert "| L-direct |" in capsys.readouterr().out
+    _assert_type_breakdown(report, run_dir)
     for level in ("L", "S"):
         ground = json.loads((run_dir / "stages" / f"{level}-grounding.json").read_text())
         assert ground["val"]["steps"] == 2 and 0 <= ground["val"]["grounding_accuracy"] <= 1
@@ -82,3 +83,16 @@ def test_run_end_to_end(tmp_path, capsys):
     assert main(["run", _config(tmp_path), "--run-dir", str(run_dir), "--set", "seed=7"]) == 2
     assert "L-grounding.json: this stage was finished with a different config" in capsys.readouterr().err
     assert (run_dir / "models" / "S" / "model.safetensors").stat().st_mtime == mtime
+
+
+def _assert_type_breakdown(report: dict, run_dir) -> None:
+    """Every row breaks its test decisions down by the generator's types, covering every labelled one."""
+    test = {t: [json.loads(line) for line in (run_dir / "data" / t / "test.jsonl").read_text().splitlines()]
+            for t in ("hallucination", "factuality")}
+    hallucinated = sum(sum(r["hallucinated"]) for r in test["hallucination"])
+    for name, row in report["rows"].items():
+        options, claims = row["types"]["hallucination"], row["types"]["factuality"]
+        assert sum(s["n"] for s in options.values()) == hallucinated, name
+        assert all(0 <= s["recall"] <= 1 for s in options.values())
+        assert sum(s["n"] for s in claims["type"].values()) == sum(s["n"] for s in claims["hard"].values()) == 4
+    assert "## Per type (test)" in (run_dir / "report.md").read_text()
