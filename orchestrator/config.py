@@ -120,6 +120,8 @@ class TrainConfig(StepSettings):
     lr: float = Field(1e-3, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: LoraSettings | None = None
+    eval_every: int = Field(0, ge=0, description="also score validation macro-F1 every N steps (the learning "
+                                                  "curve); 0: only at each epoch's end")
 
 
 class PretrainConfig(StepSettings):

@@ -34,6 +34,7 @@ from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level
                             check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import record_units
 from workers.teacher import TeacherPool, check_compatible
+from workers.type_scores import type_scores
 
 
 def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None = None,
@@ -282,7 +283,8 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
 
 
 def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> dict:
-    """Test metrics without and with the mapping shift calibrated on validation (logged to the active run)."""
+    """Test metrics without and with the mapping shift calibrated on validation (logged to the active run),
+    and both broken down by benchmark type (`workers.type_scores`, for the report)."""
     scored = score_records(out_dir, splits["test"], threads=os.cpu_count(), shift={}, trust_remote_code=remote_code)
     shift = calibrate_model(out_dir, splits["val"], threads=os.cpu_count(), trust_remote_code=remote_code)
     with_shift = shifted(scored["positions"], scored["margin"], shift["offsets"])
@@ -291,6 +293,8 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
     mlflow.log_metrics({f"test_shift/{k}": v for k, v in with_shift["metrics"].items()})
     mlflow.log_metric("params", count_parameters(model))
     return {"test": scored["metrics"], "test_shift": with_shift["metrics"], "shift": shift,
+            "test_types": type_scores(splits["test"], scored["positions"], scored["prob"]),
+            "test_shift_types": type_scores(splits["test"], scored["positions"], with_shift["prob"]),
             "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
             "test_units": {"task": [p["task"] for p in scored["positions"]],
                            "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}

@@ -30,26 +30,37 @@ def render_plots(run_dir: Path, rows: dict[str, dict], report: dict, uri: str) -
 
 
 def training_curves(rows: dict[str, dict], uri: str, path: Path) -> Path:
-    """Per stage: every loss term against the step, and teacher_wait_s on a second axis."""
+    """Per stage, one column: every loss term against the step (teacher_wait_s on a second axis) above the
+    validation macro-F1 per task at the same steps (`val/*`: every `eval_every` steps and each epoch's end)."""
     client = MlflowClient(uri)
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
-    for ax, (name, row) in zip(axes[0], rows.items()):
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.8 * len(rows), 6.2), squeeze=False, sharex="col")
+    for (loss_ax, val_ax), (name, row) in zip(axes.T, rows.items()):
         try:
             keys = sorted(client.get_run(row["mlflow_run_id"]).data.metrics)
         except MlflowException:  # the stage was recorded in another tracking store (URI changed since)
-            ax.set(title=f"{name}\n(no history in this store)")
+            loss_ax.set(title=f"{name}\n(no history in this store)")
             continue
-        for key in [k for k in keys if k.startswith("loss")]:
+        _loss_panel(loss_ax, client, row["mlflow_run_id"], keys)
+        loss_ax.set_title(name)
+        for key in [f"val/{t}/f1" for t in TASKS if f"val/{t}/f1" in keys]:
             steps, values = _history(client, row["mlflow_run_id"], key)
-            ax.plot(steps, values, label=key, lw=1)
-        ax.set(title=name, xlabel="step", ylabel="loss")
-        if "teacher_wait_s" in keys:
-            steps, values = _history(client, row["mlflow_run_id"], "teacher_wait_s")
-            twin = ax.twinx()
-            twin.plot(steps, values, color="grey", lw=0.8, ls=":", label="teacher_wait_s")
-            twin.set_ylabel("teacher_wait_s")
-        ax.legend(fontsize=6, loc="upper right")
+            val_ax.plot(steps, values, "o-", ms=3, lw=1, label=key.split("/")[1])
+        val_ax.set(xlabel="step", ylabel="validation macro-F1", ylim=(0, 1))
+        val_ax.legend(fontsize=6, loc="lower right")
     return _save(fig, path)
+
+
+def _loss_panel(ax: plt.Axes, client: MlflowClient, run_id: str, keys: list[str]) -> None:
+    for key in [k for k in keys if k.startswith("loss")]:
+        steps, values = _history(client, run_id, key)
+        ax.plot(steps, values, label=key, lw=1)
+    ax.set(ylabel="loss")
+    if "teacher_wait_s" in keys:
+        steps, values = _history(client, run_id, "teacher_wait_s")
+        twin = ax.twinx()
+        twin.plot(steps, values, color="grey", lw=0.8, ls=":", label="teacher_wait_s")
+        twin.set_ylabel("teacher_wait_s")
+    ax.legend(fontsize=6, loc="upper right")
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:

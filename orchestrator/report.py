@@ -11,6 +11,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 TASKS = ("hallucination", "factuality")
 COLUMNS = ("f1", "accuracy", "auroc", "ece")
@@ -23,13 +24,15 @@ PLOTS = (("table_bars", "ablation.png", "Test macro-F1 per row"),
 
 
 def write_report(run_dir: Path, rows: dict[str, dict]) -> dict:
-    """Per row (stage) and task: test f1, accuracy, auroc, ece; plus params, inference samples/s and the model dir.
+    """Per row (stage) and task: test f1, accuracy, auroc, ece; plus params, inference samples/s and the model dir;
+    `types`, the scores per benchmark type when the test records carry facts (`workers.type_scores`).
     The last stage gets a second row, `+shift`, scored with its calibrated mapping shift. Writes report.json and
     report.md (rendered again by `render_markdown` once the plots exist)."""
-    table = {name: _row(row, row["test"], run_dir) for name, row in rows.items()}
+    table = {name: _row(row, row["test"], run_dir, row.get("test_types")) for name, row in rows.items()}
     if rows:
         last = list(rows)[-1]
-        table[f"{last}+shift"] = _row(rows[last], rows[last]["test_shift"], run_dir)
+        table[f"{last}+shift"] = _row(rows[last], rows[last]["test_shift"], run_dir,
+                                       rows[last].get("test_shift_types"))
     report = {"rows": table, "chance": chance_levels(rows)}
     write_json(run_dir, report)
     render_markdown(run_dir)
@@ -45,11 +48,13 @@ def final_row(report: dict) -> dict:
     return report["rows"][list(report["rows"])[-1]]
 
 
-def _row(row: dict, metrics: dict, run_dir: Path) -> dict:
+def _row(row: dict, metrics: dict, run_dir: Path, types: dict | None) -> dict:
     out = {"level": row["level"], "params": row["params"], "samples_per_s": row["samples_per_s"],
            **{task: {c: metrics.get(f"{task}/{c}") for c in COLUMNS} for task in TASKS}}
     if row.get("model_dir"):
         out["model_dir"] = _relative(Path(row["model_dir"]), run_dir)
+    if types:
+        out["types"] = types
     return out
 
 
@@ -194,6 +199,8 @@ def render_markdown(run_dir: Path) -> str:
     if report.get("ablation"):
         parts += ["### Ablation (final row with one part switched off)", "",
                   markdown_table({"rows": report["ablation"]}), ""]
+    if type_tables(report):
+        parts += [type_tables(report).strip(), ""]
     claims = verdicts(report)
     if claims:
         parts += ["## The claim, checked", "",
@@ -251,3 +258,33 @@ def _read(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def type_tables(report: dict) -> str:
+    """report.md's per-type section ('' when no row has one): Task 1 recall / specificity per hallucination
+    type, Task 2 accuracy per context type and per `hard`; each header counts the test decisions behind it."""
+    types = {name: row["types"] for name, row in report["rows"].items() if row.get("types")}
+    halluc = {name: t["hallucination"] for name, t in types.items() if "hallucination" in t}
+    fact = {name: {**t["factuality"]["type"], **{f"hard: {k}": v for k, v in t["factuality"]["hard"].items()}}
+            for name, t in types.items() if "factuality" in t}
+    out = "\n## Per type (test)\n" if types else ""
+    if halluc:
+        out += ("\nTask 1: recall on each hallucination type's options / specificity on the true options of its "
+                "kind (absent and colour: object options). Header: (hallucinated / true options).\n\n"
+                + _grid(halluc, lambda s: f"({s['n']} / {s['n_true']})",
+                        lambda s: f"{_fmt(s['recall'])} / {_fmt(s['specificity'])}"))
+    if fact:
+        out += ("\nTask 2: accuracy per context type, and on claims that need the context (hard: yes) or not. "
+                "Header: (claims).\n\n" + _grid(fact, lambda s: f"({s['n']})", lambda s: _fmt(s["accuracy"])))
+    return out
+
+
+def _grid(rows: dict[str, dict[str, dict]], count: Callable[[dict], str], cell: Callable[[dict], str]) -> str:
+    """A markdown table: one line per row name, one column per group any row has."""
+    cols = list(dict.fromkeys(col for groups in rows.values() for col in groups))
+    first = {col: next(groups[col] for groups in rows.values() if col in groups) for col in cols}
+    lines = ["| model | " + " | ".join(f"{col} {count(first[col])}" for col in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(cell(groups[col]) if col in groups else "–" for col in cols) + " |"
+              for name, groups in rows.items()]
+    return "\n".join(lines) + "\n"

@@ -254,8 +254,9 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     out: dict[str, str] = {}
     for p in plans:
         deps = ([out[p.init]] if p.init else []) + [out[t["stage"]] for t in p.teachers]
-        plan = {"name": p.name, "kind": p.kind, "train": p.train.model_dump(), "ce_weight": p.ce_weight,
-                "teachers": p.teachers, "sharpness": p.sharpness}
+        # eval_every only adds validation scores to the record; the trained weights are the same
+        plan = {"name": p.name, "kind": p.kind, "train": p.train.model_dump(exclude={"eval_every"}),
+                "ce_weight": p.ce_weight, "teachers": p.teachers, "sharpness": p.sharpness}
         if p.kd != KDSettings():  # only a non-default divergence enters: runs from before `kd_loss` keep theirs
             plan["kd"] = p.kd.model_dump()
         blob = json.dumps({"run": run, "level": cfg.levels[p.level].model_dump(), "plan": plan, "deps": deps},

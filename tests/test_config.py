@@ -64,3 +64,21 @@ def test_cli_refuses_bad_config_before_work(tmp_path, capsys):
 def test_secrets_masked_in_params():
     flat = flatten({"tracking": {"uri": "x", "api_token": "abc"}, "password": "p", "seed": 1})
     assert flat == {"tracking.uri": "x", "tracking.api_token": "***", "password": "***", "seed": "1"}
+
+
+def test_eval_every_is_validated_and_left_out_of_fingerprints(tmp_path):
+    """`eval_every` is a train key like the others (every section, overrides, --set); it only adds validation
+    scores, so changing it leaves a finished stage reusable."""
+    from orchestrator.stages import fingerprints, plan_stages, train_settings
+
+    path = _write(tmp_path, "levels: {S: {}, L: {}}\ndirect: {levels: [L, S], overrides: {S: {eval_every: 7}}}\n")
+    cfg = load_config(path, ["direct.train.eval_every=5"])
+    assert (cfg.train_for("L").eval_every, cfg.train_for("S").eval_every) == (5, 7)
+    assert train_settings(cfg.train_for("S")).eval_every == 7
+    assert load_config(path).direct.train.eval_every == 0  # default: validation at each epoch's end only
+    assert fingerprints(cfg, plan_stages(cfg)) == fingerprints(load_config(path), plan_stages(load_config(path)))
+    for bad, message in (("-1", "greater than or equal to 0"), ("2.5", "valid integer"), ("often", "valid integer")):
+        with pytest.raises(ConfigError, match=rf"'direct.train.eval_every': Input should be .*{message}"):
+            load_config(path, [f"direct.train.eval_every={bad}"])
+    with pytest.raises(ConfigError, match="'tcrd.train.eval_every'"):
+        load_config(path, ["tcrd.train.eval_every=-3"])

@@ -18,7 +18,8 @@ TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_
 
 
 def _config(tmp_path) -> str:
-    """The levels are grounding-pretrained first, so DDP runs in that loop too."""
+    """The levels are grounding-pretrained first, so DDP runs in that loop too. Validation every step: rank 0
+    scores mid-epoch while the other worker waits at its all-reduce."""
     path = tmp_path / "tiny2.yaml"
     path.write_text(f"""
 name: tiny2
@@ -26,7 +27,7 @@ vocab_size: 512
 data: {{source: synth, synth: {{train: 8, val: 4, test: 4}}}}
 levels: {{L: {TINY}, S: {TINY}}}
 pretrain: {{enabled: true, steps: 2, batch_size: 2, log_every: 1}}
-direct: {{levels: [L, S], train: {{epochs: 2, batch_size: 4, log_every: 1}}}}
+direct: {{levels: [L, S], train: {{epochs: 2, batch_size: 4, log_every: 1, eval_every: 1}}}}
 resources: {{num_workers: 2, cpus_per_worker: 1}}
 """)
     return str(path)
@@ -52,6 +53,7 @@ def test_run_end_to_end(tmp_path, capsys):
         stage = json.loads((run_dir / "stages" / f"{level}-direct.json").read_text())
         assert stage["val"]["world_size"] == 2 and stage["val"]["steps"] >= 2
     assert "| L-direct |" in capsys.readouterr().out
+    _assert_type_breakdown(report, run_dir)
     for level in ("L", "S"):
         ground = json.loads((run_dir / "stages" / f"{level}-grounding.json").read_text())
         assert ground["val"]["steps"] == 2 and 0 <= ground["val"]["grounding_accuracy"] <= 1
@@ -66,6 +68,10 @@ def test_run_end_to_end(tmp_path, capsys):
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(stages["S-direct"].info.run_id, "loss")) >= 2
     assert "test/hallucination/f1" in stages["S-direct"].data.metrics
+    # The learning curve: validation macro-F1 at every step (2 steps per epoch, 2 epochs), each scored once.
+    for task in ("hallucination", "factuality"):
+        curve = client.get_metric_history(stages["S-direct"].info.run_id, f"val/{task}/f1")
+        assert sorted(m.step for m in curve) == [1, 2, 3, 4] and all(0 <= m.value <= 1 for m in curve)
 
     # Running again skips finished stages and leaves their models untouched.
     mtime = (run_dir / "models" / "S" / "model.safetensors").stat().st_mtime
@@ -77,3 +83,16 @@ def test_run_end_to_end(tmp_path, capsys):
     assert main(["run", _config(tmp_path), "--run-dir", str(run_dir), "--set", "seed=7"]) == 2
     assert "L-grounding.json: this stage was finished with a different config" in capsys.readouterr().err
     assert (run_dir / "models" / "S" / "model.safetensors").stat().st_mtime == mtime
+
+
+def _assert_type_breakdown(report: dict, run_dir) -> None:
+    """Every row breaks its test decisions down by the generator's types, covering every labelled one."""
+    test = {t: [json.loads(line) for line in (run_dir / "data" / t / "test.jsonl").read_text().splitlines()]
+            for t in ("hallucination", "factuality")}
+    hallucinated = sum(sum(r["hallucinated"]) for r in test["hallucination"])
+    for name, row in report["rows"].items():
+        options, claims = row["types"]["hallucination"], row["types"]["factuality"]
+        assert sum(s["n"] for s in options.values()) == hallucinated, name
+        assert all(0 <= s["recall"] <= 1 for s in options.values())
+        assert sum(s["n"] for s in claims["type"].values()) == sum(s["n"] for s in claims["hard"].values()) == 4
+    assert "## Per type (test)" in (run_dir / "report.md").read_text()

@@ -73,7 +73,8 @@ class StageLossConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimizer and schedule of one stage (`orchestrator.config.TrainConfig`'s fields; `lora` as its dict)."""
+    """Optimizer and schedule of one stage (`orchestrator.config.TrainConfig`'s fields; `lora` as its dict);
+    `eval_every`: steps between validation scores (0: at epoch ends only)."""
 
     epochs: float
     batch_size: int
@@ -84,6 +85,7 @@ class TrainSettings:
     grad_clip: float
     log_every: int
     lora: dict | None
+    eval_every: int
 
 
 @dataclass(frozen=True)

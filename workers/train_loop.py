@@ -3,7 +3,8 @@
 The stage's `StageJob` (`workers.contract`) says what to train and how; the objective is
 `workers.objectives` (direct, PPOD or TCRD), teacher outputs come through `workers.teacher_requests`
 (prefetch, cache, resend). Rank 0 logs per-step metrics to the stage's MLflow run (`workers.step_log`),
-evaluates on the validation split and writes checkpoints (`workers.checkpoints`).
+evaluates on the validation split (every `eval_every` steps and at each epoch's end: the learning curve) and
+writes checkpoints (`workers.checkpoints`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class StageRun:
         record_attempt(self.logger, self.step, self.rank)  # a restart logs where it picked up
         self.ddp_model.train()
         self.throughput = Throughput(tc.batch_size * self.world)
+        self.scored_at, self.val = -1, {}  # the step of rank 0's latest validation metrics, and those
 
     def train_epoch(self) -> None:
         """Steps up to the end of the current epoch, on that epoch's shard of the training data."""
@@ -97,11 +99,12 @@ class StageRun:
         self.logger.log(self.step, {"loss": loss.item(), **terms, "lr": self.optimizer.param_groups[0]["lr"],
                                     "teacher_wait_s": teacher_wait, "student_step_s": time.perf_counter() - t0},
                         every=tc.log_every)
+        if tc.eval_every and self.step % tc.eval_every == 0:
+            self.validate()
 
     def end_epoch(self) -> None:
         """Validation metrics (rank 0), flushed to MLflow before the checkpoint every rank reports."""
-        metrics = self.evaluate() if self.rank == 0 else {}
-        self.logger.log(self.step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
+        metrics = self.validate()
         self.logger.flush()  # every metric up to a checkpoint is in MLflow before the checkpoint exists
         report_checkpoint(self.model, self.optimizer, self.step, metrics, self.rank)
 
@@ -109,16 +112,26 @@ class StageRun:
         """Teacher counters summed over workers; rank 0 saves the model and returns the final metrics."""
         teacher_stats = summed(self.requests.stats(), self.world, self.device)
         self.logger.log(self.step, teacher_stats, every=1)
+        metrics = self.validate()
         if self.rank == 0:
             save_model_dir(self.model, self.processor, self.job.out_dir)  # merges a LoRA adapter in place
         self.logger.flush()
         if self.rank != 0:
             return {}
-        return {**self.evaluate(), "world_size": self.world, "steps": self.step,
+        return {**metrics, "world_size": self.world, "steps": self.step,
                 "train_samples_per_s": self.throughput.rate(), **teacher_stats}
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size)
+    def validate(self) -> dict[str, float]:
+        """Rank 0's validation metrics at the current step, logged as `val/*`; scored once per step (an
+        `eval_every` step that ends an epoch, or the last epoch's end and `finish`, share one pass). Other
+        ranks: {}. The other workers wait meanwhile at their next gradient all-reduce."""
+        if self.rank != 0:
+            return {}
+        if self.scored_at != self.step:
+            self.val = evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size)
+            self.scored_at = self.step
+            self.logger.log(self.step, {f"val/{k}": v for k, v in self.val.items()}, every=1)
+        return self.val
 
 
 def evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
