@@ -11,6 +11,11 @@ from ray.train import ScalingConfig
 from orchestrator.config import Placement, Resources
 
 
+# A private local Ray has no node that a cloud provider drains: Ray Train's preemption watcher (one more actor
+# process per stage, started beside the worker group) has nothing to watch there.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None) -> None:
     """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers.
 
@@ -29,6 +34,7 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = res.num_workers * res.cpus_per_worker + teacher_cpus
+    env["env_vars"].update(LOCAL_ONLY_ENV)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
              resources=custom or None, include_dashboard=False, log_to_driver=True)
 
