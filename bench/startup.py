@@ -7,9 +7,14 @@ runs, a sampler thread reads /proc every 0.1 s: when each Ray process started (`
 included), when it became which actor or task (Ray's process title), and when it had mapped libtorch (torch
 imported); rank 0's progress file gives the first step's end. In-process: a fresh interpreter does the same
 steps without Ray (imports, encode, load, one step, validation, save). Both are timed from interpreter start,
-in one run of this script, one after the other.
+in one run of this script, one after the other; `--before REV` also runs the Ray side on that git revision's
+orchestrator/workers (exported with `git archive`), so a change is measured against its base side by side.
 
-    python bench/startup.py [--records 8] [--stages 1]
+Per stage and process: `started` (seconds after the `fit_stage` call; `pool` = a worker Ray had prestarted),
+`actor` (it became the actor), `torch` (libtorch mapped), CPU seconds it used (the figure least moved by
+other load on the machine). The fixed cost of a stage is its `fit_stage` wall time (one training step of it).
+
+    python bench/startup.py [--stages 2] [--records 4] [--before main]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,10 +176,10 @@ def in_process_child(data: Path, model: Path) -> dict:
     t = time.time()
     import torch
 
-    from workers.inference import predict, task_metrics
+    from orchestrator.stages import default_stage_loss
+    from workers.inference import position_logits, predict, task_metrics
     from workers.models import label_word_ids, load_model_dir, save_model_dir
     from workers.objectives import StageObjective
-    from orchestrator.stages import default_stage_loss
     from workers.optim import adamw, update
     from workers.prompts import collate_records, encode_records, record_units
 
@@ -188,12 +194,12 @@ def in_process_child(data: Path, model: Path) -> dict:
     t = time.time()
     torch.set_num_threads(1)
     labels = label_word_ids(processor.tokenizer)
-    objective, opt = StageObjective(default_stage_loss(), labels, vocab=len(processor.tokenizer)), adamw(model_, 1e-4, 0.0)
-    from workers.inference import position_logits
-
+    objective = StageObjective(default_stage_loss(), labels, vocab=len(processor.tokenizer))
+    opt = adamw(model_, 1e-4, 0.0)
     loss, _ = objective(position_logits(model_, batches["train"]), batches["train"]["target"], [])
     update(loss, model_, opt, 1.0)
-    task_metrics(pred := predict(model_, iter([batches["val"]]), labels), pred["task"])
+    pred = predict(model_, iter([batches["val"]]), labels)
+    task_metrics(pred, pred["task"])
     save_model_dir(model_, processor, data.parent / "inproc_out")
     out["step + validation + save"] = time.time() - t
     return out
@@ -249,10 +255,12 @@ def print_side(label: str, ray: dict) -> None:
     for k in ("interpreter start", "driver imports", "ray.init", "encode + materialize (once per run)"):
         print(f"  {k:<48} {ray[k]:7.1f}")
     for i, fit in enumerate(ray["fits"]):
+        rows = processes(ray, fit)
         print(f"  stage {i}: fit_stage wall {fit['end'] - fit['start']:.1f} s; first training step done at "
-              f"+{fit['first_step'] - fit['start']:.1f}")
+              f"+{fit['first_step'] - fit['start']:.1f}; {len(rows)} processes, "
+              f"{sum(r['cpu'] for r in rows):.1f} CPU s")
         print(f"    {'process':<22} {'started':>8} {'actor':>7} {'torch':>7} {'CPU s':>7}")
-        for r in processes(ray, fit):
+        for r in rows:
             started = "pool" if r["start"] < 0 else f"+{r['start']:.1f}"
             torch_at = "-" if r["torch"] is None else ("before" if r["torch"] < r["actor"] else f"+{r['torch']:.1f}")
             print(f"    {r['name']:<22} {started:>8} {'+%.1f' % r['actor']:>7} {torch_at:>7} {r['cpu']:7.1f}")
@@ -265,8 +273,7 @@ def load_avg() -> str:
 
 def fixed_cost(ray: dict) -> float:
     """Median `fit_stage` wall over the run's stages: what each further stage costs."""
-    walls = sorted(f["end"] - f["start"] for f in ray["fits"])
-    return walls[len(walls) // 2]
+    return statistics.median(f["end"] - f["start"] for f in ray["fits"])
 
 
 def main() -> None:
