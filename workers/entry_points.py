@@ -3,7 +3,7 @@
 A function is pickled by module and name, so every process that builds a `TorchTrainer` imports the module
 its loop lives in: the driver, and a sweep trial's process, which only builds and fits the trainer. These
 wrappers live in a module with no imports, so only the train worker, which runs the loop, imports
-transformers, PEFT and the model code (seconds per process on a small machine).
+transformers and the model code (several CPU seconds per process on a 2-core machine).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ ADAPTER_DIR = "adapter"
 def add_lora(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
     """Freeze the model and attach a LoRA adapter (`settings`: r, alpha, dropout, target_modules).
 
-    PEFT is imported here, not at module level: it adds seconds to every train worker's start-up, and only
-    LoRA stages use it."""
+    PEFT is imported here, not at module level: only LoRA stages use it, and every train worker imports this
+    module (about 0.3 CPU s on top of transformers on a 2-core machine)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
