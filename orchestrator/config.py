@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from workers.augment import AugmentConfig
 from workers.data import DataError, decode_utf8
-from workers.models import LevelShape
+from workers.shapes import LevelShape
 
 
 class ConfigError(ValueError):
@@ -73,7 +73,7 @@ def fields_of(dc: type) -> dict[str, Any]:
 
 
 class _LevelPlace(Strict):
-    """A pyramid level: a tiny shape built offline (`workers.models.LevelShape`'s fields, defaults and bounds),
+    """A pyramid level: a tiny shape built offline (`workers.shapes.LevelShape`'s fields, defaults and bounds),
     or `path` to any HF Qwen2.5-VL dir (or hub name)."""
 
     path: str | None = None
@@ -82,7 +82,7 @@ class _LevelPlace(Strict):
                                                                "default teachers.num_gpus")
 
     def shape_fields(self) -> dict[str, Any]:
-        """The tiny shape (`workers.models.LevelShape`'s fields): everything but where and how it runs."""
+        """The tiny shape (`workers.shapes.LevelShape`'s fields): everything but where and how it runs."""
         return self.model_dump(include={f.name for f in dataclasses.fields(LevelShape)})
 
     @model_validator(mode="after")

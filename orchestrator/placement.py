@@ -12,6 +12,11 @@ from ray.train import ScalingConfig
 from orchestrator.config import Placement, Resources
 
 
+# A private local Ray has no node that a cloud provider drains: Ray Train's preemption watcher (one more actor
+# process per stage, started beside the worker group) has nothing to watch there.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None,
              log_dir: Path | None = None) -> str | None:
     """Join `ray_address` (or RAY_ADDRESS), else start a local Ray sized for the train workers; returns the
@@ -37,6 +42,7 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         need = res.num_workers * res.cpus_per_worker + teacher_cpus
+        env["env_vars"].update(LOCAL_ONLY_ENV)
         if not res.dashboard:
             env["worker_process_setup_hook"] = quiet_pg_cleaner
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,

@@ -8,24 +8,23 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
-from ray.train.torch import TorchTrainer
 
 from orchestrator.config import (ConfigError, KDSettings, Placement, PretrainConfig, Resources, RunConfig,
                                  TCRDConfig, TeacherResources, TrainConfig)
 from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherSpec, TrainSettings
-from workers.grounding import grounding_loop_per_worker
+from workers.entry_points import grounding_loop_per_worker, train_loop_per_worker
 from workers.synth import SynthSpec
-from workers.epoch_data import epoch_datasets
-from workers.models import HKDProcessor
-from workers.prompts import encode_records, record_units
-from workers.train_loop import train_loop_per_worker
+
+if TYPE_CHECKING:  # model code is imported where it is used: a sweep trial's process never needs it
+    from workers.models import HKDProcessor
 
 MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
 
@@ -73,6 +72,8 @@ def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainCo
 
 def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement: Placement | None,
          datasets: dict | None, callbacks: list | None = None) -> dict:
+    from ray.train.torch import TorchTrainer  # imports torch (Ray's TorchConfig): only where a stage is fitted
+
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -83,7 +84,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
             failure_config=FailureConfig(max_failures=MAX_FAILURES), callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"],
+        dataset_config=DataConfig(datasets_to_split=_to_split(datasets, res),
                                   execution_options=_ordered()) if datasets else None,
     )
     try:
@@ -129,6 +130,8 @@ def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Datas
     """Prompts (one row per record), tokenization and image preprocessing as a Ray Data map, materialized once
     per run (every stage reuses it; the train workers never decode images), in record order so that runs
     repeat."""
+    from workers.prompts import encode_records, record_units
+
     units = record_units(records)
     ds = ray.data.from_items(units).map_batches(
         encode_records, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
@@ -147,8 +150,17 @@ def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
     """Per-epoch augmented training data when `augment.enabled`, else None (the shared encoded set)."""
     if not cfg.augment.enabled:
         return None
+    from workers.epoch_data import epoch_datasets
+    from workers.models import HKDProcessor
+
     processor = HKDProcessor.from_pretrained(init_dir)
     return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
+
+
+def _to_split(datasets: dict, res: Resources) -> list[str]:
+    """The training sets, split across the workers. One worker reads them whole, in the same order: a split
+    would only add a coordinator actor (one more process per stage, started on the path to the first step)."""
+    return [k for k in datasets if k != "val"] if res.num_workers > 1 else []
 
 
 def _ordered():

@@ -24,13 +24,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.orphans import OrphanReaper
-from orchestrator.pipeline import load_splits, model_dir, start_teachers
 from orchestrator.placement import init_ray
 from orchestrator.stages import (augmented_epochs, cache_root, encode_split, fit_stage, loss_params, stage_job, stage_loss,
                                  train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
-from workers.models import HKDProcessor
 
 TRIAL_DRIVER_CPUS = 1  # a trial's own process; Tune cannot schedule it with 0 (STACK-NOTES)
 
@@ -51,7 +49,13 @@ class TrialContext:
 
 
 def run_sweep(sweep: Sweep, log=print) -> dict:
-    """Run the sweep; returns the best trial, per-trial results and the teachers' forwards over the sweep."""
+    """Run the sweep; returns the best trial, per-trial results and the teachers' forwards over the sweep.
+
+    The pipeline and model code are imported here, in the sweep's driver: each trial's process imports this
+    module to run `_trial` and needs neither."""
+    from orchestrator.pipeline import load_splits, model_dir, start_teachers
+    from workers.models import HKDProcessor
+
     spec, cfg, plan = sweep.spec, sweep.base, sweep.plan
     from_run = Path(spec.from_run).resolve()
     init_dir = model_dir(from_run, plan.init) if plan.init else from_run / "models" / "init" / plan.level

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from workers.lora import ADAPTER_DIR, is_lora
+from workers.shapes import LevelShape
 
 # Qwen's special tokens, in Qwen's order, so ids line up with the real tokenizer's layout (offset aside).
 SPECIAL_TOKENS = [
@@ -60,22 +60,6 @@ class HKDProcessor(Qwen2_5_VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         super(Qwen2_5_VLProcessor, self).__init__(image_processor, tokenizer, chat_template=chat_template)
-
-
-@dataclass(frozen=True)
-class LevelShape:
-    """Size of one pyramid level (text decoder + vision tower)."""
-
-    hidden: int = field(default=128, metadata={"bounds": {"ge": 8}})
-    layers: int = field(default=2, metadata={"bounds": {"ge": 1}})
-    heads: int = field(default=2, metadata={"bounds": {"ge": 1}})
-    kv_heads: int = field(default=1, metadata={"bounds": {"ge": 1}})
-    intermediate: int = field(default=352, metadata={"bounds": {"ge": 8}})
-    vision_hidden: int = field(default=96, metadata={"bounds": {"ge": 8}})
-    vision_depth: int = field(default=1, metadata={"bounds": {"ge": 1}})
-    vision_heads: int = field(default=2, metadata={"bounds": {"ge": 1}})
-    init_std: float | None = field(default=None, metadata={"bounds": {"gt": 0},
-                                                           "doc": "weight init std; default 1/sqrt(hidden)"})
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
