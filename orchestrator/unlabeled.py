@@ -20,17 +20,17 @@ ID_PREFIX = "unlabeled:"
 LABEL_FIELDS = ("hallucinated", "label")
 
 
-def load_unlabeled(cfg: RunConfig, run_dir: Path, splits: dict[str, list[dict]], spec: synth.SynthSpec,
-                   log) -> tuple[list[dict], dict]:
-    """The run's unlabelled records, ready to train on, and their counts (`records`, `dropped_overlap`).
-    Labels are cleared unless `data.unlabeled_use` is `gold_labels`, which needs every record labelled."""
+def load_unlabeled(cfg: RunConfig, run_dir: Path, splits: dict[str, list[dict]],
+                   spec: synth.SynthSpec) -> tuple[list[dict], dict]:
+    """The run's unlabelled records, ready to train on, and their counts (`records`, `dropped_overlap`: generated
+    ones whose scene is in val or test). Labels are cleared unless `data.unlabeled_use` is `gold_labels`, which
+    needs every record labelled."""
     gold = cfg.data.unlabeled_use == "gold_labels"
     loaded = [(str(path), rec) for path in cfg.data.unlabeled for rec in load_jsonl(path, **_load_args(cfg))]
     dropped = 0
     if cfg.data.synth.unlabeled:
         generated, dropped = generated_unlabeled(cfg, run_dir, splits["val"] + splits["test"], spec)
         loaded += generated
-        log(f"  unlabelled: {dropped} generated record(s) dropped: their scene is in val or test")
     records = [as_unlabeled(rec, source, keep_labels=gold) for source, rec in loaded]
     check_ids(records, splits["train"])
     return records, {"records": len(records), "dropped_overlap": dropped}
