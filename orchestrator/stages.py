@@ -15,8 +15,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import (ConfigError, DataConfig, KDSettings, Placement, PretrainConfig, Resources,
-                                 RunConfig, TCRDConfig, TeacherResources, TrainConfig)
+from orchestrator.config import DataConfig as DataSection  # not ray.train's DataConfig, used below
+from orchestrator.config import (ConfigError, KDSettings, Placement, PretrainConfig, Resources, RunConfig,
+                                 TCRDConfig, TeacherResources, TrainConfig)
 from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherSpec, TrainSettings
@@ -131,7 +132,7 @@ def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
     base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **KDSettings().model_dump(), "k": tr.k,
             "prefetch": tr.prefetch, "call_retries": tr.call_retries, "sharpness": tcrd.sharpness,
             "teachers": specs, "cache": None, "unlabeled_weight": tcrd.unlabeled_weight,
-            "unlabeled_use": DataConfig().unlabeled_use, "top_teacher": 0}
+            "unlabeled_use": DataSection().unlabeled_use, "top_teacher": 0}
     return StageLossConfig(**{**base, **over})
 
 
