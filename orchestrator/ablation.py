@@ -1,4 +1,5 @@
-"""`hkd run CONFIG --ablation`: the full method, then one run per part switched off, in one table.
+"""`hkd run CONFIG --ablation`: the full method, then one run per part switched off, in one table; with
+unlabelled inputs, two more runs that change only what the distillation stages learn from them.
 
 Each variant runs in `<run dir>/ablation/<variant>/`; stages whose fingerprint equals a finished stage of
 the full run are shared (linked), not retrained, so a variant trains only what its switch changes. Every
@@ -17,12 +18,28 @@ from orchestrator.pipeline import model_dir, run
 from orchestrator.plots import table_bars
 from orchestrator import console
 from orchestrator.report import final_row, render_markdown, write_json
-from orchestrator.stages import fingerprints, plan_stages
+from orchestrator.stages import fingerprints, plan_stages, uses_unlabeled
 from orchestrator.tracking import tracking_uri
+from orchestrator.unlabeled import have_labels
 
-# (row name, the config section that must be on for the row to mean something, the switch)
-VARIANTS = (("no PPOD", "ppod", "ppod.enabled=false"), ("no TCRD", "tcrd", "tcrd.enabled=false"),
-            ("no augmentation", "augment", "augment.enabled=false"))
+
+def _learns_from_unlabeled(cfg: RunConfig) -> bool:
+    return cfg.data.unlabeled_use == "kd" and any(uses_unlabeled(cfg, p) for p in plan_stages(cfg))
+
+
+# (row name, whether the row means something for this config, the switch, why there is no row otherwise).
+# The two unlabelled rows train the same students on the same inputs and steps; only the unlabelled inputs'
+# targets change: the top teacher's hard decision (what soft outputs add beyond more inputs), or their own labels
+# (the upper bound; generated inputs have them, files may not).
+VARIANTS = (("no PPOD", lambda c: c.ppod.enabled, "ppod.enabled=false", "ppod is already off in this config"),
+            ("no TCRD", lambda c: c.tcrd.enabled, "tcrd.enabled=false", "tcrd is already off in this config"),
+            ("no augmentation", lambda c: c.augment.enabled, "augment.enabled=false",
+             "augment is already off in this config"),
+            ("hard pseudo-labels", _learns_from_unlabeled, "data.unlabeled_use=pseudo_labels",
+             "no distillation stage learns from unlabelled inputs"),
+            ("gold labels on all inputs", lambda c: _learns_from_unlabeled(c) and have_labels(c),
+             "data.unlabeled_use=gold_labels",
+             "no distillation stage learns from unlabelled inputs, or some have no labels"))
 
 
 def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, log=console.say) -> dict:
@@ -33,10 +50,9 @@ def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, l
     last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
     rows = {"full method": final_row(report), "no shift": report["rows"][last]}
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)  # variants record into the full run's store
-    for name, section, switch in VARIANTS:
-        part = getattr(cfg, section, None)
-        if part is None or not part.enabled:
-            log(f"[ablation] {name}: {section} is already off in this config; no row")
+    for name, applies, switch, why_not in VARIANTS:
+        if not applies(cfg):
+            log(f"[ablation] {name}: {why_not}; no row")
             continue
         slug = name.replace(" ", "-")
         variant = load_config(config_path, [*overrides, switch, f"name={cfg.name}-{slug}", f"tracking.uri={uri}"])

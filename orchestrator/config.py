@@ -36,6 +36,9 @@ class SynthData(Strict):
     image_size: int = Field(112, ge=28, multiple_of=28)
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(5, ge=1)
+    unlabeled: int = Field(0, ge=0, description="fresh generated records per task for the distillation stages' "
+                                                "unlabelled term (their own seed stream; scenes seen in val or "
+                                                "test dropped)")
     spec: dict[str, Any] = Field(default_factory=dict, description="further SynthSpec fields")
 
 
@@ -56,12 +59,25 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, le=178_956_970,
                                   description="images with more pixels are refused from their header, undecoded "
                                               "(at most PIL's own hard limit)")
+    unlabeled: list[str] = Field(default_factory=list, description="contract JSONL files of inputs for the "
+                                                                   "distillation stages' KD-only term (labels ignored)")
+    unlabeled_use: Literal["kd", "pseudo_labels", "gold_labels"] = Field(
+        "kd", description="what the distillation stages learn from the unlabelled inputs: the teachers' soft outputs "
+                          "(kd), CE on the top teacher's decision (pseudo_labels), or CE + KD with their own labels "
+                          "(gold_labels; the --ablation upper bound)")
 
     @model_validator(mode="after")
     def _files_given(self) -> DataConfig:
         if self.source == "files" and not (self.files.train and self.files.test):
             raise ValueError("data.source is 'files' but data.files.train or data.files.test is empty")
+        if self.source == "files" and self.synth.unlabeled:
+            raise ValueError("data.synth.unlabeled generates benchmark scenes, which need data.source: synth; "
+                             "give unlabelled inputs of your own as data.unlabeled files")
         return self
+
+    def has_unlabeled(self) -> bool:
+        """Whether the distillation stages get unlabelled inputs."""
+        return bool(self.unlabeled or self.synth.unlabeled)
 
 
 def fields_of(dc: type) -> dict[str, Any]:
@@ -158,6 +174,14 @@ class KDSettings(Strict):
     beta: float = Field(0.5, ge=0, le=1, description="JSD's mixture weight (kd_loss: jsd)")
 
 
+class UnlabeledWeight(Strict):
+    """A distillation section's weight on its KD-only term over the unlabelled inputs (`data.unlabeled`,
+    `data.synth.unlabeled`): per section, because PPOD and TCRD balance KD against CE differently (their own
+    `ce_weight` and temperature)."""
+
+    unlabeled_weight: float = Field(1.0, ge=0)
+
+
 class PPODStage(Strict):
     """Distil one pyramid level from the trained level(s) above it."""
 
@@ -165,7 +189,7 @@ class PPODStage(Strict):
     teachers: list[TeacherRef] = Field(min_length=1)
 
 
-class PPODConfig(KDSettings):
+class PPODConfig(KDSettings, UnlabeledWeight):
     """Pyramid-like progressive online distillation: coarse alignment at a high temperature, level by level."""
 
     enabled: bool = True
@@ -175,7 +199,7 @@ class PPODConfig(KDSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class TCRDConfig(KDSettings):
+class TCRDConfig(KDSettings, UnlabeledWeight):
     """Ternary-coupled refinement: ground truth + top teacher + assistant, each KD coupled, low temperature."""
 
     enabled: bool = True

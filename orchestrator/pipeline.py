@@ -22,7 +22,8 @@ from orchestrator.report import machine, markdown_table, mlflow_command, render_
 from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode_split, fingerprints, fit_grounding,
                                  fit_stage,
                                  loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
-                                 stage_tracking, train_datasets)
+                                 stage_tracking, train_datasets, uses_unlabeled)
+from orchestrator.unlabeled import load_unlabeled, mixed
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from workers import augment, synth
@@ -53,9 +54,10 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(masked(cfg.model_dump()), indent=2))
     splits = load_splits(cfg, run_dir)
+    unlabeled, meta_unlabeled = unlabeled_inputs(cfg, plans, run_dir, splits)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
     check_tokenizers(plans, init_dirs)
-    meta = _meta(cfg, plans, splits, uri, started, config_path, overrides)
+    meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, log)
     processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
     check_prompt_lengths(cfg, run_dir, processor, init_dirs)
@@ -65,7 +67,7 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
                          log_dir=run_dir / "logs")
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
-    encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
+    encoded = encode_inputs(splits, unlabeled, processor)
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
         for run_id in end_stale_runs(run_dir, cfg.tracking.experiment):
@@ -96,6 +98,24 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
             mlflow.log_artifact(str(path), artifact_path="plots")
     _print_results(report, meta, run_dir, log)
     return report
+
+
+def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,
+                     splits: dict[str, list[dict]]) -> tuple[list[dict], dict | None]:
+    """The unlabelled records and their counts for run.json, when a stage trains on them; else ([], None)."""
+    if not any(uses_unlabeled(cfg, p) for p in plans):
+        return [], None
+    return load_unlabeled(cfg, run_dir, splits, synth_spec(cfg))
+
+
+def encode_inputs(splits: dict[str, list[dict]], unlabeled: list[dict],
+                  processor: HKDProcessor) -> dict[str, ray.data.Dataset]:
+    """Encoded train and val splits, and `train_kd`: what distillation stages train on, the training records
+    with the unlabelled ones spread among them (also added to `splits`; the train split itself without any)."""
+    encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
+    splits["train_kd"] = mixed(splits["train"], unlabeled)
+    encoded["train_kd"] = encode_split(splits["train_kd"], processor) if unlabeled else encoded["train"]
+    return encoded
 
 
 def _print_results(report: dict, meta: dict, run_dir: Path, log) -> None:
@@ -137,6 +157,9 @@ def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Pat
     log("  data: " + "; ".join(f"{split} {n['records']} ("
                                + ", ".join(f"{t} {c}" for t, c in n["tasks"].items()) + ")"
                                for split, n in meta["data"].items()))
+    if meta["unlabeled"]:
+        log(f"  unlabelled (distillation stages): {meta['unlabeled']['records']} records; "
+            f"{meta['unlabeled']['dropped_overlap']} generated ones dropped: their scene is in val or test")
     log("  stages: " + " → ".join(p.name for p in plans))
     log(f"  run dir: {run_dir}  (Ray and library output: {run_dir / 'logs'}/)")
 
@@ -262,8 +285,10 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
                                   cache_root(cfg, run_dir))
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss_params(loss)}))
-                sets = train_datasets(encoded["train"], augmented_epochs(cfg, plan.train, splits["train"], init_dir))
-                job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded["train"].count(),
+                source = "train" if plan.kind == "direct" else "train_kd"  # only distillation sees unlabelled
+                mlflow.log_metric("unlabeled_records", len(splits[source]) - len(splits["train"]))
+                sets = train_datasets(encoded[source], augmented_epochs(cfg, plan.train, splits[source], init_dir))
+                job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded[source].count(),
                                 stage_tracking(uri), progress)
                 val = fit_stage(plan.name, job, sets, encoded["val"], cfg.resources, run_dir / "ray", cfg.placement)
                 mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()

@@ -15,6 +15,7 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as TrainRunConfig
 
+from orchestrator.config import DataConfig as DataSection  # not ray.train's DataConfig, used below
 from orchestrator.config import (ConfigError, KDSettings, Placement, PretrainConfig, Resources, RunConfig,
                                  TCRDConfig, TeacherResources, TrainConfig)
 from orchestrator.errors import StageError
@@ -105,7 +106,21 @@ def stage_loss(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cach
     cache = (CacheSpec(cache_root, int(cfg.cache.max_gb * 2**30)) if cfg.cache.enabled and plan.teachers else None)
     return StageLossConfig(kind=plan.kind, ce_weight=plan.ce_weight, kd_loss=plan.kd.kd_loss, beta=plan.kd.beta,
                            k=cfg.teachers.k, prefetch=cfg.teachers.prefetch, call_retries=cfg.teachers.call_retries,
-                           sharpness=plan.sharpness, teachers=teachers, cache=cache)
+                           sharpness=plan.sharpness, teachers=teachers, cache=cache,
+                           unlabeled_weight=plan.unlabeled_weight, unlabeled_use=cfg.data.unlabeled_use,
+                           top_teacher=top_teacher(cfg, plan))
+
+
+def top_teacher(cfg: RunConfig, plan: StagePlan) -> int:
+    """The index of the stage's highest teacher: the first of its levels in `levels:` (largest first, as
+    every shipped config lists them); its decision is the pseudo-label of `data.unlabeled_use: pseudo_labels`."""
+    order = list(cfg.levels)
+    return min(range(len(plan.teachers)), key=lambda i: order.index(plan.teachers[i]["level"]), default=0)
+
+
+def uses_unlabeled(cfg: RunConfig, plan: StagePlan) -> bool:
+    """Whether the stage trains on the unlabelled inputs too: distillation stages, when there are any."""
+    return plan.kind in ("ppod", "tcrd") and cfg.data.has_unlabeled()
 
 
 def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
@@ -117,7 +132,8 @@ def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
                                  "coupled": False, **t}) for t in teachers)
     base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **KDSettings().model_dump(), "k": tr.k,
             "prefetch": tr.prefetch, "call_retries": tr.call_retries, "sharpness": tcrd.sharpness,
-            "teachers": specs, "cache": None}
+            "teachers": specs, "cache": None, "unlabeled_weight": tcrd.unlabeled_weight,
+            "unlabeled_use": DataSection().unlabeled_use, "top_teacher": 0}
     return StageLossConfig(**{**base, **over})
 
 
@@ -223,6 +239,7 @@ class StagePlan:
     teachers: list[dict] = field(default_factory=list)  # {stage, level, weight, temperature, coupled}
     sharpness: float = 10.0
     kd: KDSettings = field(default_factory=KDSettings)  # the divergence of the KD terms
+    unlabeled_weight: float = 0.0  # of the KD-only term over unlabelled inputs (distillation stages)
 
 
 def plan_stages(cfg: RunConfig) -> list[StagePlan]:
@@ -242,7 +259,8 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
             teachers = [{"stage": _need(latest, t.level, "ppod"), "level": t.level, "weight": t.weight,
                          "temperature": cfg.ppod.temperature, "coupled": False} for t in st.teachers]
             plans.append(StagePlan(f"{st.student}+PPOD", st.student, "ppod", ground.get(st.student), cfg.ppod.train,
-                                   cfg.ppod.ce_weight, teachers, kd=_kd(cfg.ppod)))
+                                   cfg.ppod.ce_weight, teachers, kd=_kd(cfg.ppod),
+                                   unlabeled_weight=cfg.ppod.unlabeled_weight))
             latest[st.student] = plans[-1].name
     if cfg.tcrd.enabled:
         tc = cfg.tcrd
@@ -251,7 +269,7 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
         teachers = [{"stage": _need(latest, lv, "tcrd"), "level": lv, "weight": w, "temperature": tc.temperature,
                      "coupled": tc.coupled} for lv, w in ((tc.top, tc.top_weight), (tc.assistant, tc.assistant_weight))]
         plans.append(StagePlan(f"{base}+TCRD", tc.student, "tcrd", init, tc.train, tc.ce_weight, teachers,
-                               tc.sharpness, _kd(tc)))
+                               tc.sharpness, _kd(tc), tc.unlabeled_weight))
     return plans
 
 
@@ -259,9 +277,11 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     """Per stage, a hash of everything its result depends on: data, seed, vocabulary, its level, its own
     plan and, recursively, the stages it starts from or learns from. Equal fingerprints mean
     interchangeable results (a re-run skips them, an ablation shares them)."""
-    # data.max_image_pixels only decides which inputs are refused, never what an accepted run computes
+    # data.max_image_pixels only decides which inputs are refused, never what an accepted run computes; the
+    # unlabelled inputs enter only the stages that train on them (so the other stages' fingerprints stay)
     run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"},
-                         exclude={"data": {"max_image_pixels"}})
+                         exclude={"data": {"max_image_pixels": True, "unlabeled": True, "unlabeled_use": True,
+                                           "synth": {"unlabeled"}}})
     run["k"], run["num_workers"] = cfg.teachers.k, cfg.resources.num_workers
     out: dict[str, str] = {}
     for p in plans:
@@ -271,6 +291,9 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
                 "ce_weight": p.ce_weight, "teachers": p.teachers, "sharpness": p.sharpness}
         if p.kd != KDSettings():  # only a non-default divergence enters: runs from before `kd_loss` keep theirs
             plan["kd"] = p.kd.model_dump()
+        if uses_unlabeled(cfg, p):
+            plan["unlabeled"] = {"weight": p.unlabeled_weight, "files": cfg.data.unlabeled,
+                                 "synth": cfg.data.synth.unlabeled, "use": cfg.data.unlabeled_use}
         blob = json.dumps({"run": run, "level": cfg.levels[p.level].model_dump(), "plan": plan, "deps": deps},
                           sort_keys=True)
         out[p.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]

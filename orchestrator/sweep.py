@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.orphans import OrphanReaper
 from orchestrator.placement import init_ray
-from orchestrator.stages import (augmented_epochs, cache_root, encode_split, fit_stage, loss_params, stage_job, stage_loss,
+from orchestrator.stages import (augmented_epochs, cache_root, fit_stage, loss_params, stage_job, stage_loss,
                                  train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
@@ -53,7 +53,7 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
 
     The pipeline and model code are imported here, in the sweep's driver: each trial's process imports this
     module to run `_trial` and needs neither."""
-    from orchestrator.pipeline import load_splits, model_dir, start_teachers
+    from orchestrator.pipeline import encode_inputs, load_splits, model_dir, start_teachers, unlabeled_inputs
     from workers.models import HKDProcessor
 
     spec, cfg, plan = sweep.spec, sweep.base, sweep.plan
@@ -67,10 +67,13 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     uri = tracking_uri(cfg.tracking.uri, from_run.parent)
     check_reachable(uri)
     splits = load_splits(cfg, from_run)
+    unlabeled, _ = unlabeled_inputs(cfg, [plan], from_run, splits)
     teacher_cpus = len(plan.teachers) * cfg.teachers.replicas * cfg.teachers.num_cpus
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
     processor = HKDProcessor.from_pretrained(init_dir)
-    train_ds, val_ds = (encode_split(splits[s], processor) for s in ("train", "val"))
+    encoded = encode_inputs(splits, unlabeled, processor)
+    source = "train" if plan.kind == "direct" else "train_kd"  # as in `hkd run`: only distillation sees unlabelled
+    train_ds, val_ds = encoded[source], encoded["val"]
     pools: dict = {}
     start = time.time()
     with using_store(uri, cfg.tracking.experiment), mlflow.start_run(run_name=f"sweep-{spec.name}") as parent:
@@ -79,7 +82,7 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
                             "space": {k: d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
         try:
             pool_names = start_teachers(cfg, from_run, plan, init_dir, pools)
-            ctx = TrialContext(sweep, init_dir, out_dir, pool_names, cache_root(cfg, from_run), splits["train"], uri,
+            ctx = TrialContext(sweep, init_dir, out_dir, pool_names, cache_root(cfg, from_run), splits[source], uri,
                                parent.info.experiment_id, parent.info.run_id)
             results = _tuner(sweep, ctx, train_ds, val_ds, teacher_cpus).fit()
             teacher_units = sum(i["served_units"] for pool in pools.values() for i in pool.info())

@@ -1,10 +1,12 @@
-"""The whole method on minimal settings: direct → PPOD (M from L, S from M+L) → TCRD, teachers in Ray actors."""
+"""The whole method on minimal settings: direct → PPOD (M from L, S from M+L) → TCRD, teachers in Ray actors,
+the distillation stages also learning from generated unlabelled inputs."""
 
 from __future__ import annotations
 
 import json
 
 import mlflow
+import numpy as np
 import pytest
 import ray
 
@@ -16,7 +18,7 @@ TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_
 CONFIG = f"""
 name: method
 vocab_size: 512
-data: {{source: synth, synth: {{train: 6, val: 4, test: 4}}}}
+data: {{source: synth, synth: {{train: 6, val: 4, test: 4, unlabeled: 2}}}}
 levels: {{L: {TINY}, M: {TINY}, S: {TINY}}}
 direct: {{levels: [L, M, S], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
 ppod:
@@ -72,7 +74,8 @@ def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path
     # Ablation rows come from real runs: "no PPOD" trained its own S+TCRD (from S-direct) and shared the
     # direct stages; "no TCRD" shared everything (its final model is the full run's S+PPOD).
     ablation = report["ablation"]
-    assert list(ablation) == ["full method", "no shift", "no PPOD", "no TCRD"]
+    assert list(ablation) == ["full method", "no shift", "no PPOD", "no TCRD", "hard pseudo-labels",
+                              "gold labels on all inputs"]
     assert ablation["full method"] == report["rows"]["S+PPOD+TCRD+shift"]
     assert ablation["no shift"] == report["rows"]["S+PPOD+TCRD"]
     no_tcrd = run_dir / "ablation" / "no-TCRD"
@@ -86,7 +89,9 @@ def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     client = mlflow.MlflowClient()
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["hkd4vlm"], output_format="list")}
+    runs = _stage_runs("method")
+    _assert_unlabelled_inputs(run_dir, runs, _stage_runs("method-hard-pseudo-labels"),
+                              _stage_runs("method-gold-labels-on-all-inputs"))
     tcrd = runs["S+PPOD+TCRD"].info.run_id
     for key in ("loss_kd_" , "coupling_"):
         assert any(k.startswith(key) for k in runs["S+PPOD+TCRD"].data.metrics), key
@@ -94,3 +99,27 @@ def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path
     steps = client.get_metric_history(tcrd, "student_step_s")
     assert len(waits) >= 2 and len(steps) == len(waits)
     assert all(m.value >= 0 for m in waits)
+
+
+def _stage_runs(parent: str) -> dict:
+    """The stage runs of one (variant) run by stage name: every variant names its stages alike."""
+    every = mlflow.search_runs(experiment_names=["hkd4vlm"], output_format="list")
+    (parent_id,) = [r.info.run_id for r in every if r.info.run_name == parent]
+    return {r.info.run_name: r for r in every if r.data.tags.get("mlflow.parentRunId") == parent_id}
+
+
+def _assert_unlabelled_inputs(run_dir, runs: dict, pseudo: dict, gold: dict) -> None:
+    """Distillation stages count the unlabelled inputs and log a finite KD term over them; direct stages never
+    see them; the pseudo-label row logs its (CE) term, the gold-label row has no unlabelled positions."""
+    counts = json.loads((run_dir / "run.json").read_text())["unlabeled"]
+    assert counts["records"] + counts["dropped_overlap"] == 4 and counts["records"] > 0
+    for name in ("M+PPOD", "S+PPOD", "S+PPOD+TCRD"):
+        metrics = runs[name].data.metrics
+        assert metrics["unlabeled_records"] == counts["records"], name
+        assert np.isfinite(metrics["loss_unlabeled"]) and metrics["loss_unlabeled"] > 0, name
+        assert float(runs[name].data.params["loss.unlabeled_weight"]) == 1.0
+    for name in ("L-direct", "M-direct", "S-direct"):
+        assert runs[name].data.metrics["unlabeled_records"] == 0 and "loss_unlabeled" not in runs[name].data.metrics
+    assert np.isfinite(pseudo["S+PPOD+TCRD"].data.metrics["loss_unlabeled"])
+    assert "loss_unlabeled" not in gold["S+PPOD+TCRD"].data.metrics
+    assert gold["S+PPOD+TCRD"].data.metrics["unlabeled_records"] == counts["records"]

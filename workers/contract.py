@@ -13,6 +13,8 @@ from typing import Literal
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 KD_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 StageKind = Literal["direct", "ppod", "tcrd"]
+UnlabeledUse = Literal["kd", "pseudo_labels", "gold_labels"]
+UNLABELED_USES: tuple[str, ...] = ("kd", "pseudo_labels", "gold_labels")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ class StageLossConfig:
     kind: direct (CE only) | ppod | tcrd (`workers.objectives`); kd_loss/beta: the divergence of every KD term
     (`beta` is JSD's mixture weight); k: top-k on the wire; prefetch: batches whose teacher outputs are
     requested ahead of the step; call_retries: resends of a teacher call whose replicas died; sharpness:
-    of the coupling weights."""
+    of the coupling weights; unlabeled_weight: of the term over unlabelled positions (target -1);
+    unlabeled_use: that term's target, the teachers' soft outputs (kd) or the top teacher's decision
+    (pseudo_labels; gold_labels rows carry their labels, so have none); top_teacher: that teacher's index."""
 
     kind: StageKind
     ce_weight: float
@@ -61,6 +65,9 @@ class StageLossConfig:
     sharpness: float
     teachers: tuple[TeacherSpec, ...]
     cache: CacheSpec | None
+    unlabeled_weight: float
+    unlabeled_use: UnlabeledUse
+    top_teacher: int
 
     def __post_init__(self):
         if self.kd_loss not in KD_LOSSES:
@@ -69,6 +76,10 @@ class StageLossConfig:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         if self.kind == "direct" and self.teachers:
             raise ValueError("a direct stage has no teachers")
+        if self.unlabeled_use not in UNLABELED_USES:
+            raise ValueError(f"unlabeled_use must be one of {UNLABELED_USES}, got {self.unlabeled_use!r}")
+        if self.teachers and not 0 <= self.top_teacher < len(self.teachers):
+            raise ValueError(f"top_teacher {self.top_teacher} is not one of the {len(self.teachers)} teachers")
 
 
 @dataclass(frozen=True)

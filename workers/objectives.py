@@ -1,14 +1,17 @@
-"""The method's training objectives, one function per paper part, built on `workers.losses`.
+"""The method's training objectives, built on `workers.losses`.
 
 - `direct_loss`: direct tuning (the baselines and the pyramid's top): cross-entropy on the answer word.
-- `ppod_loss`: Pyramid-like Progressive Online Distillation (coarse alignment): ce_weight·CE + Σ_t w_t·KD_t at
-  the stage's (high) temperature, every teacher trusted equally.
-- `tcrd_loss`: Ternary-Coupled Refinement Distillation (fine refinement): ground truth + top teacher + assistant,
-  each KD term weighted per sample by `losses.coupling_weights` (how far that teacher agrees with the ground
-  truth), so a wrong teacher does not pull the student; `coupled: false` is the uncoupled ablation.
+- `distill_loss`, for both distillation parts (they differ in their stage plan, not in code):
+  Pyramid-like Progressive Online Distillation (coarse alignment): ce_weight·CE + Σ_t w_t·KD_t at the stage's
+  (high) temperature, every teacher trusted equally; Ternary-Coupled Refinement Distillation (fine
+  refinement): ground truth + top teacher + assistant, each KD term weighted per sample by
+  `losses.coupling_weights` (how far that teacher agrees with the ground truth), so a wrong teacher does not
+  pull the student; `coupled: false` is the uncoupled ablation.
 
 KD_t is the stage's `kd_loss` (forward KL, reverse KL or JSD with `beta`) over the teacher's top-k + tail
-buckets, the only form a teacher sends. `StageObjective` picks the function of the stage's kind.
+buckets, the only form a teacher sends. CE and the coupled terms use the labelled positions only; the
+unlabelled ones (target -1) get their own KD-only term, `unlabeled_weight` · Σ_t weight_t · KD_t.
+`StageObjective` picks the function of the stage's kind.
 """
 
 from __future__ import annotations
@@ -37,33 +40,55 @@ def kd_divergence(logits: torch.Tensor, out: dict, temperature: float, cfg: Stag
 
 def direct_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
                 label_ids: tuple[int, int]) -> LossAndTerms:
-    """Direct tuning: ce_weight · CE(answer word)."""
-    ce = cross_entropy(logits, target_token_ids(targets, label_ids))
+    """Direct tuning: ce_weight · CE(answer word) over the labelled positions (an unlabelled one, target -1,
+    never enters; a batch without labelled positions gives 0)."""
+    labelled = targets >= 0
+    if not labelled.any():
+        return logits.sum() * 0.0, {}
+    ce = cross_entropy(at(logits, labelled), target_token_ids(at(targets, labelled), label_ids))
     return cfg.ce_weight * ce, {"loss_ce": ce.item()}
 
 
-def ppod_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
-              label_ids: tuple[int, int]) -> LossAndTerms:
-    """PPOD: ce_weight · CE + Σ_t weight_t · KD(teacher_t ‖ student) at temperature T_t."""
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
+                 label_ids: tuple[int, int]) -> LossAndTerms:
+    """PPOD and TCRD: ce_weight · CE + Σ_t weight_t · KD_t at temperature T_t over the labelled positions, each
+    KD_t weighted per sample by the teacher's coupling weight when it is coupled (TCRD: its own label-word
+    probability of the ground truth, `losses.coupling_weights`; PPOD's teachers are uncoupled), then the
+    unlabelled term (`unlabeled_term`) over the rest."""
     loss, terms = direct_loss(logits, targets, teacher_outs, cfg, label_ids)
-    for teacher, out in zip(cfg.teachers, teacher_outs):
-        kd = kd_divergence(logits, out, teacher.temperature, cfg)
-        loss = loss + teacher.weight * kd
-        terms[f"loss_kd_{teacher.tag}"] = kd.item()
-    return loss, terms
+    labelled = targets >= 0
+    if labelled.any():
+        for teacher, out in zip(cfg.teachers, teacher_outs):
+            out = {k: at(v, labelled) for k, v in out.items()}
+            weights = coupling(teacher, out, at(targets, labelled), cfg.sharpness, terms)
+            kd = kd_divergence(at(logits, labelled), out, teacher.temperature, cfg, weights)
+            loss = loss + teacher.weight * kd
+            terms[f"loss_kd_{teacher.tag}"] = kd.item()
+    return unlabeled_term(loss, logits, targets, teacher_outs, cfg, label_ids, terms), terms
 
 
-def tcrd_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
-              label_ids: tuple[int, int]) -> LossAndTerms:
-    """TCRD: ce_weight · CE + Σ_t weight_t · KD_t, each KD_t weighted per sample by the teacher's coupling
-    weight (its own label-word probability of the ground truth, `losses.coupling_weights`)."""
-    loss, terms = direct_loss(logits, targets, teacher_outs, cfg, label_ids)
-    for teacher, out in zip(cfg.teachers, teacher_outs):
-        weights = coupling(teacher, out, targets, cfg.sharpness, terms)
-        kd = kd_divergence(logits, out, teacher.temperature, cfg, weights)
-        loss = loss + teacher.weight * kd
-        terms[f"loss_kd_{teacher.tag}"] = kd.item()
-    return loss, terms
+def unlabeled_term(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict],
+                   cfg: StageLossConfig, label_ids: tuple[int, int], terms: dict[str, float]) -> torch.Tensor:
+    """`loss` + unlabeled_weight · the term over the unlabelled positions (target -1): Σ_t weight_t · KD_t,
+    unweighted per sample (coupling needs the ground truth they lack), or with `pseudo_labels` CE on the top
+    teacher's decision (margin ≥ 0: positive). Logs `loss_unlabeled` and `unlabeled_positions`."""
+    unlabelled = targets < 0
+    if not teacher_outs or not unlabelled.any():
+        return loss
+    student = logits[unlabelled]
+    if cfg.unlabeled_use == "pseudo_labels":
+        decision = teacher_outs[cfg.top_teacher]["label_logits"][unlabelled]
+        term = cross_entropy(student, target_token_ids((decision[:, 0] >= decision[:, 1]).long(), label_ids))
+    else:
+        term = sum(t.weight * kd_divergence(student, {k: v[unlabelled] for k, v in out.items()}, t.temperature, cfg)
+                   for t, out in zip(cfg.teachers, teacher_outs))
+    terms.update(loss_unlabeled=term.item(), unlabeled_positions=float(unlabelled.sum().item()))
+    return loss + cfg.unlabeled_weight * term
+
+
+def at(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The masked rows of x; x itself when the mask keeps all (the labelled-only loss stays bit-identical)."""
+    return x if mask.all() else x[mask]
 
 
 def coupling(teacher: TeacherSpec, out: dict, targets: torch.Tensor, sharpness: float,
@@ -77,7 +102,7 @@ def coupling(teacher: TeacherSpec, out: dict, targets: torch.Tensor, sharpness: 
     return weights
 
 
-OBJECTIVES: dict[str, Callable[..., LossAndTerms]] = {"direct": direct_loss, "ppod": ppod_loss, "tcrd": tcrd_loss}
+OBJECTIVES: dict[str, Callable[..., LossAndTerms]] = {"direct": direct_loss, "ppod": distill_loss, "tcrd": distill_loss}
 
 
 class StageObjective:

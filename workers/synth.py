@@ -516,21 +516,8 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int
     balance: dict[str, dict[str, float | None]] = {t: {} for t in TASKS}
     n_options: dict[str, int] = {}
     for task in TASKS:
-        (out / task / "images").mkdir(parents=True, exist_ok=True)
-        prefix = task[0]
         for split in SPLITS:
-            rng = random.Random(f"{seed}/{task}/{split}")
-            positives = total = 0
-            with open(out / task / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-                for i, ex in enumerate(_examples(task, rng, sizes[split], spec)):
-                    image = f"images/{split}_{i:06d}.png"
-                    render(ex["scene"]).save(out / task / image, format="PNG", compress_level=1)
-                    record = {"id": f"{prefix}-{split}-{i:06d}", "task": task, "image": image, **ex}
-                    fh.write(json.dumps(record) + "\n")
-                    if task == "hallucination":
-                        positives, total = positives + sum(ex["hallucinated"]), total + len(ex["hallucinated"])
-                    else:
-                        positives, total = positives + ex["label"], total + 1
+            positives, total = write_split(out, seed, task, split, sizes[split], spec)
             counts[task][split] = sizes[split]
             balance[task][split] = positives / total if total else None
             if task == "hallucination":
@@ -539,6 +526,22 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int
             "class_balance": balance, "spec": asdict(spec)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return json.loads(json.dumps(meta))  # same plain-JSON form as the file (tuples become lists)
+
+
+def write_split(out: Path, seed: int, task: str, split: str, n: int, spec: SynthSpec) -> tuple[int, int]:
+    """Write `<out>/<task>/<split>.jsonl` and its images from the (seed, task, split) stream; returns (positive
+    labels, labels). Any split name is its own stream: `unlabeled` never repeats train, val or test."""
+    (out / task / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}/{task}/{split}")
+    positives = total = 0
+    with open(out / task / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+        for i, ex in enumerate(_examples(task, rng, n, spec)):
+            image = f"images/{split}_{i:06d}.png"
+            render(ex["scene"]).save(out / task / image, format="PNG", compress_level=1)
+            fh.write(json.dumps({"id": f"{task[0]}-{split}-{i:06d}", "task": task, "image": image, **ex}) + "\n")
+            labels = ex["hallucinated"] if task == "hallucination" else [ex["label"]]
+            positives, total = positives + sum(labels), total + len(labels)
+    return positives, total
 
 
 def vocabulary() -> list[str]:
