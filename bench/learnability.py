@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--name", default="learnability")
+    p.add_argument("--eval-train", action="store_true", help="also score the labelled training records")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +195,7 @@ def main() -> None:
         records["unlabeled"] = [r for t in synth.TASKS for r in load_jsonl(work / "unlab" / t / "train.jsonl")]
     units = record_units(records["train"])
     tokenizer = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(500, spec=spec))
-    types = position_types(records["val"])
+    types, train_types = position_types(records["val"]), position_types(records["train"])
     summary = {"args": vars(args), "levels": {}, "distill": {}}
     enc, trained, pretrained = None, {}, {}
     t0 = time.perf_counter()
@@ -209,7 +210,12 @@ def main() -> None:
         ids = dict(label_ids=label_ids, pad_id=processor.tokenizer.pad_token_id, image_id=model.config.image_token_id)
 
         def evaluate_fn(m):
-            return evaluate(m, enc["val"], types, ids["label_ids"], ids["pad_id"], ids["image_id"], args.device)
+            out = evaluate(m, enc["val"], types, ids["label_ids"], ids["pad_id"], ids["image_id"], args.device)
+            if args.eval_train:  # train ≫ val means the level memorises records instead of reading images
+                train = evaluate(m, enc["train"], train_types, ids["label_ids"], ids["pad_id"], ids["image_id"],
+                                 args.device)
+                out.update({f"train_{k}": v for k, v in train.items() if k != "by_type"})
+            return out
 
         torch.manual_seed(args.seed)
         t = time.perf_counter()
