@@ -62,7 +62,9 @@ def test_unreachable_mlflow_refused_before_training(tmp_path, capsys):
     err = _refused(tmp_path, capsys, _config(tmp_path, f"tracking: {{uri: '{uri}'}}"))
     assert time.time() - start < 60, "a dead tracking server must be refused quickly"
     assert "tracking.uri: MLflow tracking store http://***@127.0.0.1" in err and "hunter2" not in err
-    assert not (tmp_path / "runs" / "r").exists()
+    run_dir = tmp_path / "runs" / "r"  # only the log that holds the refusal (issue 15): no run.json, data, stages
+    assert [p.relative_to(run_dir).as_posix() for p in sorted(run_dir.rglob("*"))] == ["logs", "logs/hkd.log"]
+    assert "hunter2" not in (run_dir / "logs" / "hkd.log").read_text()
 
 
 def test_bad_data_line_refused_with_file_line(tmp_path, capsys, bench_dir):
