@@ -100,7 +100,7 @@ def captured(directory: Path, verbose: bool = False) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        sys.stderr.write(traceback.format_exc())  # the whole story, in the log (and on the console with -v)
+        _log_traceback()  # the whole story, in the log (and on the console with -v)
         raise
     finally:
         _stop_ray()  # Ray's driver flushes forwarded worker lines ("[repeated 2x across cluster]") at shutdown
@@ -125,7 +125,16 @@ def _stop_ray() -> None:
         try:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - the command's own outcome matters more
-            traceback.print_exc()
+            _log_traceback()
+
+
+def _log_traceback() -> None:
+    """The current exception's traceback into fd 2, which the capture points at the log (or the -v tee):
+    `sys.stderr` may be a stand-in that the fd redirection does not reach (pytest's capsys, an embedding program)."""
+    sys.stderr.flush()
+    data = traceback.format_exc().encode()
+    while data:
+        data = data[os.write(2, data):]
 
 
 def _fd_backed(stream, fd: int) -> bool:

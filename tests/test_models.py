@@ -103,9 +103,14 @@ def test_save_on_full_storage_leaves_previous_dir_and_no_partial(tiny_model_dir,
     there before is untouched."""
     out = tmp_path / "model"
     shutil.copytree(tiny_model_dir, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _files(out)
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(tiny_model_dir), str(out)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 1 and "File too large" in proc.stderr.split("refused: ")[-1], proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _files(out) == before
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under a model dir (it may hold `logs/` from an `hkd evaluate` on it) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
