@@ -13,8 +13,9 @@ from orchestrator.config import Placement, Resources
 
 
 # A private local Ray has no node that a cloud provider drains: Ray Train's preemption watcher (one more actor
-# process per stage, started beside the worker group) has nothing to watch there.
-LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# process per stage, started beside the worker group) has nothing to watch there. HKD_PRIVATE_RAY tells every
+# process of that Ray (the driver, a sweep trial's) that it is one (`private_ray`).
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "HKD_PRIVATE_RAY": "1"}
 
 
 def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None,
@@ -29,22 +30,21 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
     The local Ray is always a private one (`address="local"`): Ray's default would join whatever cluster
     /tmp/ray/ray_current_cluster last named, even a dead one or another user's.
 
-    The local Ray starts its dashboard unless `resources.dashboard` is false: the dashboard serves the State API,
-    which Ray Train's placement-group cleaner queries (without it, that cleaner warns every second that it
-    cannot). Off, that cleaner's warnings are silenced in every Ray worker process (`quiet_pg_cleaner`) and
-    `orchestrator.orphans` does its job silently. `log_dir` gets a link to Ray's own session logs.
+    The local Ray starts its dashboard unless `resources.dashboard` is false. `log_dir` gets a link to Ray's own
+    session logs.
     """
     if ray.is_initialized():
         return _dashboard_url()
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": _env_vars_beside_job()}
     if address:
+        for key in LOCAL_ONLY_ENV:
+            os.environ.pop(key, None)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         need = res.num_workers * res.cpus_per_worker + teacher_cpus
         env["env_vars"].update(LOCAL_ONLY_ENV)
-        if not res.dashboard:
-            env["worker_process_setup_hook"] = quiet_pg_cleaner
+        os.environ.update(LOCAL_ONLY_ENV)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
                  resources=custom or None, include_dashboard=res.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
@@ -63,15 +63,9 @@ def _dashboard_url() -> str | None:
     return url if "://" in url else f"http://{url}"
 
 
-PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_pg_cleaner() -> None:
-    """Worker-process setup hook for a Ray without dashboard: Ray Train's placement-group cleaner cannot reach the
-    State API there and would warn every second; hkd's own cleanup (`orchestrator.orphans`) does its job."""
-    import logging
-
-    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+def private_ray() -> bool:
+    """Whether this process belongs to a local Ray that `init_ray` started for one hkd command."""
+    return os.environ.get("HKD_PRIVATE_RAY") == "1"
 
 
 def _link_session_logs(log_dir: Path) -> None:

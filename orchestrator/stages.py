@@ -73,9 +73,11 @@ def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainCo
 
 def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement: Placement | None,
          datasets: dict | None, callbacks: list | None = None) -> dict:
-    from ray.train.torch import TorchTrainer  # imports torch (Ray's TorchConfig): only where a stage is fitted
+    from orchestrator.trainer import StageTrainer  # imports torch: only where a stage is fitted
 
-    trainer = TorchTrainer(
+    if datasets and res.num_workers == 1:  # handed to the one worker directly: no dataset manager actor
+        config, datasets = {**config, "iterators": one_worker_iterators(datasets)}, None
+    trainer = StageTrainer(
         loop,
         train_loop_config=config,
         scaling_config=scaling(res, placement),
@@ -85,7 +87,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
             failure_config=FailureConfig(max_failures=MAX_FAILURES), callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=_to_split(datasets, res),
+        dataset_config=DataConfig(datasets_to_split=_to_split(datasets),
                                   execution_options=_ordered()) if datasets else None,
     )
     try:
@@ -173,10 +175,18 @@ def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
     return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
 
 
-def _to_split(datasets: dict, res: Resources) -> list[str]:
-    """The training sets, split across the workers. One worker reads them whole, in the same order: a split
-    would only add a coordinator actor (one more process per stage, started on the path to the first step)."""
-    return [k for k in datasets if k != "val"] if res.num_workers > 1 else []
+def one_worker_iterators(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.DataIterator]:
+    """A one-worker stage's datasets as the iterators Ray Train's dataset manager would give its worker (each
+    read whole, in a fixed order), built here and passed in the loop's config: the manager is one more actor
+    process per stage, started on the path to the first step."""
+    config = DataConfig(datasets_to_split=[], execution_options=_ordered())
+    (iterators,) = config.configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)
+    return iterators
+
+
+def _to_split(datasets: dict) -> list[str]:
+    """The training sets, split across the workers (a stage with several; one worker reads its sets whole)."""
+    return [k for k in datasets if k != "val"]
 
 
 def _ordered():

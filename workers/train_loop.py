@@ -13,6 +13,7 @@ import itertools
 import time
 
 import torch
+from ray.data import DataIterator
 
 from workers.checkpoints import record_attempt, report_checkpoint, resume
 from workers.contract import StageJob
@@ -27,8 +28,10 @@ from workers.teacher_requests import TeacherRequests
 
 
 def train_loop_per_worker(cfg: dict) -> dict:
-    """Ray Train entry point. `cfg["job"]`: the stage's `StageJob`. Returns final validation metrics (rank 0)."""
-    run = StageRun(cfg["job"])
+    """Ray Train entry point. `cfg["job"]`: the stage's `StageJob`; `cfg["iterators"]`: a one-worker stage's
+    datasets by name (`orchestrator.stages`), else absent and read with `ray.train.get_dataset_shard`. Returns
+    final validation metrics (rank 0)."""
+    run = StageRun(cfg["job"], cfg.get("iterators"))
     while run.step < run.total:
         run.train_epoch()
         run.end_epoch()
@@ -38,11 +41,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
 class StageRun:
     """One worker's share of a stage: the student, its optimizer, objective and teacher requests, and the step."""
 
-    def __init__(self, job: StageJob):
+    def __init__(self, job: StageJob, iterators: dict | None = None):
         import ray.train
         import ray.train.torch
 
         self.job, tc = job, job.train
+        self.iterators = iterators
         torch.set_num_threads(max(1, int(job.threads)))
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -76,7 +80,7 @@ class StageRun:
         epoch = self.step // self.steps_per_epoch
         epoch_end = min(self.total, (epoch + 1) * self.steps_per_epoch)
         sets = self.job.train_sets
-        shard = ray.train.get_dataset_shard(sets[min(epoch, len(sets) - 1)])
+        shard = self.dataset(sets[min(epoch, len(sets) - 1)])
         raw_batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
         pad_id, image_id = self.processor.tokenizer.pad_token_id, self.model.config.image_token_id
@@ -121,6 +125,13 @@ class StageRun:
         return {**metrics, "world_size": self.world, "steps": self.step,
                 "train_samples_per_s": self.throughput.rate(), **teacher_stats}
 
+    def dataset(self, name: str) -> DataIterator:
+        """The stage's dataset `name` as this worker reads it: handed over in the loop's config, or Ray Train's
+        shard."""
+        import ray.train
+
+        return self.iterators[name] if self.iterators else ray.train.get_dataset_shard(name)
+
     def validate(self) -> dict[str, float]:
         """Rank 0's validation metrics at the current step, logged as `val/*`; scored once per step (an
         `eval_every` step that ends an epoch, or the last epoch's end and `finish`, share one pass). Other
@@ -128,19 +139,17 @@ class StageRun:
         if self.rank != 0:
             return {}
         if self.scored_at != self.step:
-            self.val = evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size)
+            self.val = evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size,
+                                      self.dataset("val"))
             self.scored_at = self.step
             self.logger.log(self.step, {f"val/{k}": v for k, v in self.val.items()}, every=1)
         return self.val
 
 
 def evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
-                   batch_size: int) -> dict[str, float]:
-    """Metrics per task on the whole validation split (rank 0 reads it unsplit), one entry per supervised
+                   batch_size: int, val: DataIterator) -> dict[str, float]:
+    """Metrics per task on the whole validation split `val` (rank 0 reads it unsplit), one entry per supervised
     position with that position's task."""
-    import ray.train
-
-    val = ray.train.get_dataset_shard("val")
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
     batches = (to_device(collate_records(raw, pad_id, image_id), model.device)
                for raw in val.iter_batches(batch_size=batch_size * 2, batch_format="numpy"))
