@@ -1,10 +1,10 @@
 """Give back the resources of Ray Train worker groups whose controller was killed (a trial ASHA stopped).
 
 A worker group's placement group belongs to its Train controller actor, but GCS only frees such a group when
-its job ends too. Ray Train's own cleaner watches the controller through the State API, which the dashboard
-serves: hkd's local Ray starts it by default (`resources.dashboard`). With the dashboard off (or a cluster
-without one) that cleaner cannot see the controller and the next trial would wait forever for CPUs a dead trial
-still holds, so the sweep driver also removes these groups itself, silently, reading the GCS table directly.
+its job ends too. Ray Train's own cleaner is left out on hkd's private local Ray (`orchestrator.trainer`), and on
+a cluster it watches the controller through the dashboard's State API, which a cluster may not serve; without
+it the next trial would wait forever for CPUs a dead trial still holds, so the sweep driver removes these groups
+itself, silently, reading the GCS table directly.
 """
 
 from __future__ import annotations

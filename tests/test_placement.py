@@ -61,3 +61,28 @@ def test_placement_refuses_builtin_resources(tmp_path):
     path.write_text("placement: {teacher: {GPU: 1}}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: .*placement.teacher.GPU: CPUs and GPUs are set by"):
         load_config(path)
+
+
+@pytest.mark.parametrize("private, datasets, dropped", [
+    (True, False, {"DatasetsCallback", "PlacementGroupCleanerCallback"}),
+    (True, True, {"PlacementGroupCleanerCallback"}),
+    (False, False, {"DatasetsCallback"}),
+    (False, True, set()),
+])
+def test_stage_trainer_leaves_out_only_idle_helper_actors(monkeypatch, private, datasets, dropped):
+    """A stage starts no dataset manager when it hands its worker the iterators, and no placement-group cleaner
+    on hkd's private local Ray (`orchestrator.trainer`); everything else Ray Train sets up stays."""
+    from ray.train import ScalingConfig
+
+    from orchestrator.trainer import StageTrainer
+
+    monkeypatch.setenv("HKD_PRIVATE_RAY", "1") if private else monkeypatch.delenv("HKD_PRIVATE_RAY", raising=False)
+    sets = {"train": lambda: None} if datasets else None
+    ours = StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=sets)
+    theirs = TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=sets)
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= _callbacks(theirs)
+    assert _callbacks(theirs) - _callbacks(ours) == dropped and _callbacks(ours) <= _callbacks(theirs)
+
+
+def _callbacks(trainer) -> set[str]:
+    return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
