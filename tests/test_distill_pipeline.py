@@ -1,5 +1,5 @@
-"""The whole method on minimal settings: direct → PPOD (M from L, S from M+L) → TCRD, teachers in Ray actors,
-the distillation stages also learning from generated unlabelled inputs."""
+"""The whole method on minimal settings (`conftest.METHOD_CONFIG`): direct → PPOD (M from L, S from M+L) → TCRD,
+teachers in Ray actors, the distillation stages also learning from generated unlabelled inputs."""
 
 from __future__ import annotations
 
@@ -8,35 +8,16 @@ import json
 import mlflow
 import numpy as np
 import pytest
-import ray
 
-from orchestrator.cli import main
+from tests.conftest import METHOD_CONFIG
 from orchestrator.config import load_config
 from orchestrator.stages import plan_stages
-
-TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
-CONFIG = f"""
-name: method
-vocab_size: 512
-data: {{source: synth, synth: {{train: 6, val: 4, test: 4, unlabeled: 2}}}}
-levels: {{L: {TINY}, M: {TINY}, S: {TINY}}}
-direct: {{levels: [L, M, S], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
-ppod:
-  enabled: true
-  stages:
-    - {{student: M, teachers: [{{level: L}}]}}
-    - {{student: S, teachers: [{{level: M, weight: 0.7}}, {{level: L, weight: 0.3}}]}}
-  train: {{epochs: 1, batch_size: 4, log_every: 1}}
-tcrd: {{enabled: true, train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
-teachers: {{k: 8, num_cpus: 0.5}}
-resources: {{num_workers: 1, cpus_per_worker: 1}}
-"""
 
 
 @pytest.fixture()
 def config_path(tmp_path):
     path = tmp_path / "method.yaml"
-    path.write_text(CONFIG)
+    path.write_text(METHOD_CONFIG)
     return path
 
 
@@ -57,12 +38,10 @@ def test_plan_follows_the_pyramid_and_ablation_switches(config_path):
     assert [p.name for p in no_tcrd][-1] == "S+PPOD"
 
 
-def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path, capsys):
-    run_dir = tmp_path / "runs" / "method"
-    try:
-        assert main(["run", str(config_path), "--run-dir", str(run_dir), "--ablation"]) == 0
-    finally:
-        ray.shutdown()
+def test_full_method_runs_with_teacher_actors_and_ablation(method_run):
+    """`hkd run method.yaml --ablation` (the session's shared run, `conftest.method_run`)."""
+    run_dir = method_run["run_dir"]
+    assert method_run["rc"] == 0, "\n".join(method_run["lines"][-30:])
     report = json.loads((run_dir / "report.json").read_text())
     assert list(report["rows"]) == ["L-direct", "M-direct", "S-direct", "M+PPOD", "S+PPOD", "S+PPOD+TCRD",
                                     "S+PPOD+TCRD+shift"]
@@ -87,7 +66,7 @@ def test_full_method_runs_with_teacher_actors_and_ablation(config_path, tmp_path
     assert json.loads((no_ppod / "report.json").read_text())["rows"]["S+TCRD+shift"] == ablation["no PPOD"]
     assert "## Ablation" in (run_dir / "report.md").read_text()
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir.parent}/mlflow.db")
     client = mlflow.MlflowClient()
     runs = _stage_runs("method")
     _assert_unlabelled_inputs(run_dir, runs, _stage_runs("method-hard-pseudo-labels"),

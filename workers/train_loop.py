@@ -74,8 +74,6 @@ class StageRun:
 
     def train_epoch(self) -> None:
         """Steps up to the end of the current epoch, on that epoch's shard of the training data."""
-        import ray.train
-
         tc = self.job.train
         epoch = self.step // self.steps_per_epoch
         epoch_end = min(self.total, (epoch + 1) * self.steps_per_epoch)
