@@ -51,8 +51,11 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(autouse=True)
 def _own_tracking_store(monkeypatch):
     """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which `hkd run` honours: no test may inherit
-    another test's tracking store."""
+    another test's tracking store. Cleared after each test too: a module-scoped fixture's run (test_faults'
+    reference) starts before the next test's own clearing."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 
