@@ -38,7 +38,7 @@ direct: {{levels: [L], train: {{epochs: 1, batch_size: 8, log_every: 1}}}}
 ppod:
   enabled: true
   stages: [{{student: S, teachers: [{{level: L}}]}}]
-  train: {{epochs: {EPOCHS}, batch_size: 2, log_every: 1}}
+  train: {{epochs: {EPOCHS}, batch_size: 1, log_every: 1}}  # 80 steps an epoch: the kill tests' window
 teachers: {{k: 8, num_cpus: 0.5, prefetch: 1}}
 resources: {{num_workers: 1, cpus_per_worker: 1}}
 """
