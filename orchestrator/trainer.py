@@ -21,6 +21,9 @@ class StageTrainer(TorchTrainer):
       trials a sweep stops are freed by `orchestrator.orphans`. On a cluster it runs as Ray made it."""
 
     def _create_default_callbacks(self) -> list:
-        unused = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,)
-                                                                    if private_ray() else ())
-        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+        unused = []
+        if not self.datasets:
+            unused.append(DatasetsCallback)
+        if private_ray():
+            unused.append(PlacementGroupCleanerCallback)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, tuple(unused))]
