@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.config import ConfigError, Placement, Resources, load_config
 from orchestrator.placement import local_resources, scaling
+from orchestrator.trainer import StageTrainer
 from workers.teacher import TeacherPool
 
 
@@ -43,7 +46,7 @@ def test_teachers_and_workers_land_on_their_nodes(cluster, tiny_model_dir, tmp_p
         Path(cfg["out"], f"{rank}.json").write_text(json.dumps(ray.get_runtime_context().get_node_id()))
 
     res = Resources(num_workers=2, cpus_per_worker=1)
-    TorchTrainer(where, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling(res, placement),
+    StageTrainer(where, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling(res, placement),
                  run_config=TrainRunConfig(name="placed", storage_path=str(tmp_path / "ray"))).fit()
     assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)] == [cluster["student"]] * 2
 
@@ -74,8 +77,6 @@ def test_stage_trainer_leaves_out_only_idle_helper_actors(monkeypatch, private, 
     on hkd's private local Ray (`orchestrator.trainer`); everything else Ray Train sets up stays."""
     from ray.train import ScalingConfig
 
-    from orchestrator.trainer import StageTrainer
-
     monkeypatch.setenv("HKD_PRIVATE_RAY", "1") if private else monkeypatch.delenv("HKD_PRIVATE_RAY", raising=False)
     sets = {"train": lambda: None} if datasets else None
     ours = StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=sets)
@@ -86,3 +87,24 @@ def test_stage_trainer_leaves_out_only_idle_helper_actors(monkeypatch, private, 
 
 def _callbacks(trainer) -> set[str]:
     return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+
+def test_only_stages_with_a_process_group_to_connect_get_torch_config(tmp_path):
+    """One CPU worker gets Ray Train's plain backend, so the train controller, which unpickles its callbacks
+    and run context, never imports torch; several workers or a GPU get `TorchConfig` as `TorchTrainer` does."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    def backend(**scaling) -> object:
+        return StageTrainer(lambda: None, scaling_config=ScalingConfig(**scaling)).backend_config
+
+    assert (type(backend(num_workers=2)), backend(num_workers=2).backend) == (TorchConfig, "gloo")
+    assert (type(backend(num_workers=1, use_gpu=True)), backend(num_workers=1, use_gpu=True).backend) == (
+        TorchConfig, "nccl")
+    one = StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert not isinstance(one.backend_config, TorchConfig)
+    sent = tmp_path / "controller_args.pkl"
+    sent.write_bytes(ray.cloudpickle.dumps((one._create_default_callbacks(), one.train_run_context)))
+    check = f"import pickle, sys; pickle.loads(open({str(sent)!r}, 'rb').read()); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1]).stdout.strip() == "False"
