@@ -100,7 +100,8 @@ def write_model_dir(ctx: Ctx, role: str) -> Path:
     """A random-init model dir the product loads: `build_level` (tiny) or a hub config's shape (real sizes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from workers.models import CHAT_TEMPLATE, HKDProcessor, build_image_processor, build_level, save_model_dir
+    from workers.families.qwen2_5_vl import build_processor
+    from workers.models import CHAT_TEMPLATE, build_level, save_model_dir
 
     out = ctx.work / role
     if ctx.tiny:
@@ -108,8 +109,7 @@ def write_model_dir(ctx: Ctx, role: str) -> Path:
     torch.manual_seed(len(role))
     with torch.device(ctx.device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(hub_config(HUB[role], ctx.tokenizer), dtype=ctx.dtype)
-    processor = HKDProcessor(image_processor=build_image_processor(ctx.args.image), tokenizer=ctx.tokenizer,
-                             chat_template=CHAT_TEMPLATE)
+    processor = build_processor(ctx.tokenizer, ctx.args.image, CHAT_TEMPLATE)
     save_model_dir(model, processor, out)
     del model
     free(ctx.device)
@@ -125,7 +125,8 @@ def records(ctx: Ctx, split: str) -> list[dict]:
 
 def prepare(ctx: Ctx) -> None:
     """Benchmark records at `--image` px, the tokenizer, and the teacher and student dirs (given or written)."""
-    from workers.models import HKDProcessor, build_tokenizer
+    from workers.families import load_processor
+    from workers.models import build_tokenizer
     from workers.prompts import record_units
     from workers.synth import SynthSpec, generate, sample_texts
 
@@ -136,7 +137,7 @@ def prepare(ctx: Ctx) -> None:
     ctx.units = record_units(records(ctx, "train"))
     t = time.perf_counter()
     if a.student_dir:
-        ctx.tokenizer = HKDProcessor.from_pretrained(a.student_dir).tokenizer
+        ctx.tokenizer = load_processor(a.student_dir).tokenizer
     else:
         ctx.tokenizer = build_tokenizer([u["text"] + u["answer"] for u in ctx.units] + sample_texts(500), vocab_size=1024)
     ctx.dirs = {role: Path(given) if given else write_model_dir(ctx, role)
@@ -326,7 +327,7 @@ def part_teacher(ctx: Ctx) -> dict:
     teacher = Teacher(ctx.dirs["teacher"], threads=a.actor_cpus)
     load_s = time.perf_counter() - t
     log(f"teacher loaded in {load_s:.1f}s")
-    batch = batches(ctx, HKDProcessor_of(ctx.dirs["teacher"]), teacher.model.config.image_token_id, 1)[0]
+    batch = batches(ctx, processor_of(ctx.dirs["teacher"]), teacher.model.config.image_token_id, 1)[0]
     wire = to_numpy_inputs(batch)
     reset_peak(ctx.device)
     times = timed_steps(lambda: teacher.infer(wire, a.k, a.temperature), a.warmup, a.steps, ctx.device)
@@ -341,10 +342,10 @@ def part_teacher(ctx: Ctx) -> dict:
     return out
 
 
-def HKDProcessor_of(model_dir: Path):  # noqa: N802
-    from workers.models import HKDProcessor
+def processor_of(model_dir: Path):
+    from workers.families import load_processor
 
-    return HKDProcessor.from_pretrained(model_dir)
+    return load_processor(model_dir)
 
 
 def _student_setup(ctx: Ctx, lora: bool):
@@ -481,7 +482,7 @@ def part_actor(ctx: Ctx) -> dict:
 
     a = ctx.args
     pool = ensure_pool(ctx)
-    processor = HKDProcessor_of(ctx.dirs["teacher"])
+    processor = processor_of(ctx.dirs["teacher"])
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     wires = [to_numpy_inputs(b) for b in batches(ctx, processor, image_id, min(3, a.steps))]
     nbytes_in = sum(v.nbytes for v in wires[0].values())
@@ -516,7 +517,7 @@ def part_e2e(ctx: Ctx) -> dict:
     ensure_pool(ctx)
     if ctx.cuda and ray.cluster_resources().get("GPU", 0) < 1:
         raise RuntimeError(f"Ray sees no GPU: {ray.cluster_resources()}")
-    processor = HKDProcessor_of(ctx.dirs["student"])
+    processor = processor_of(ctx.dirs["student"])
     train_ds, val_ds = encode_split(records(ctx, "train"), processor), encode_split(records(ctx, "val"), processor)
     n_units = min(train_ds.count(), a.batch * (a.e2e_steps + 1))
     train_ds = train_ds.limit(n_units).materialize()

@@ -28,7 +28,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from workers import synth  # noqa: E402
 from workers.losses import forward_kl, topk_forward_kl  # noqa: E402
-from workers.models import (HKDProcessor, LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
+from workers.families import load_processor  # noqa: E402
+from workers.models import (LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
                             load_model_dir)
 from workers.prompts import collate_records, encode_records, record_units  # noqa: E402
 from workers.teacher import from_wire, wire_outputs  # noqa: E402
@@ -67,7 +68,7 @@ def build(work: Path, model_dir: Path | None, n_units: int) -> tuple[torch.Tenso
     if model_dir is None:
         tok = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(50), vocab_size=VOCAB)
         model_dir = build_level(work / "teacher", TEACHER, tok, IMAGE_SIZE, seed=0)
-    processor = HKDProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     tok = processor.tokenizer
     student_dir = build_level(work / "student", STUDENT, tok, IMAGE_SIZE, seed=1)
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")

@@ -138,7 +138,7 @@ def ray_child(work: Path, data: Path, model: Path, stages: int) -> dict:
     from orchestrator.config import Resources, RunConfig, TrainConfig
     from orchestrator.placement import init_ray
     from orchestrator.stages import StagePlan, default_stage_loss, encode_split, fit_stage, stage_job, train_datasets
-    from workers.models import HKDProcessor
+    from workers.families import load_processor
 
     out = {"driver imports": time.time() - t_import}
     sampler = Sampler(time.time())
@@ -149,7 +149,7 @@ def ray_child(work: Path, data: Path, model: Path, stages: int) -> dict:
     out["ray.init"] = time.time() - t
     t = time.time()
     recs = splits(data)
-    processor = HKDProcessor.from_pretrained(model)
+    processor = load_processor(model)
     enc = {s: encode_split(recs[s], processor) for s in ("train", "val")}
     out["encode + materialize (once per run)"] = time.time() - t
     cfg = RunConfig(levels={"S": {}}, direct={"levels": ["S"]}, resources=res)

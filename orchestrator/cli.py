@@ -215,10 +215,8 @@ def _synth(args: argparse.Namespace) -> None:
 
     seed, counts, spec = 0, {"train": 2000, "val": 300, "test": 500}, SynthSpec()
     if args.config:
-        from orchestrator.pipeline import synth_spec
-
         cfg = load_config(args.config, args.overrides)
-        seed, spec = cfg.seed, synth_spec(cfg)
+        seed, spec = cfg.seed, cfg.data.synth.generator_spec()
         counts = {k: getattr(cfg.data.synth, k) for k in counts}
     counts.update({k: getattr(args, k) for k in counts if getattr(args, k) is not None})
     if args.image_size is not None:
@@ -250,10 +248,10 @@ def _validate(args: argparse.Namespace) -> int:
 def _length_check(model_dir: str):
     """The prompt-length check of `validate --model-dir`: refuses each record longer than the context."""
     from workers.lengths import context_length, too_long
-    from workers.models import HKDProcessor
+    from workers.families import load_processor
 
     _check_model_dir(model_dir)
-    processor, limit = HKDProcessor.from_pretrained(model_dir), context_length(model_dir)
+    processor, limit = load_processor(model_dir), context_length(model_dir)
 
     def check(scan, cap: int) -> None:
         if limit is not None:

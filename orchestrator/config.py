@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from workers.augment import AugmentConfig
 from workers.data import DataError, decode_utf8
 from workers.shapes import LevelShape
+from workers.synth import SynthSpec
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,25 @@ class SynthData(Strict):
                                                 "unlabelled term (their own seed stream; scenes seen in val or "
                                                 "test dropped)")
     spec: dict[str, Any] = Field(default_factory=dict, description="further SynthSpec fields")
+
+    def generator_spec(self) -> SynthSpec:
+        """The generator settings (also the scenes of grounding pre-training)."""
+        return SynthSpec(image_size=self.image_size, min_objects=self.min_objects, max_objects=self.max_objects,
+                         **{k: _tuples(v) for k, v in self.spec.items()})
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> SynthData:
+        """The generator's own checks, at load time, so the error names `data.synth` and not a stage."""
+        unknown = set(self.spec) - {f.name for f in dataclasses.fields(SynthSpec)}
+        if unknown:
+            raise ValueError(f"unknown spec key(s) {sorted(unknown)}")
+        self.generator_spec()
+        return self
+
+
+def _tuples(value: Any) -> Any:
+    """YAML lists → the tuples SynthSpec's frozen fields use."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 class DataFiles(Strict):
@@ -90,7 +110,7 @@ def fields_of(dc: type) -> dict[str, Any]:
 
 class _LevelPlace(Strict):
     """A pyramid level: a tiny shape built offline (`workers.shapes.LevelShape`'s fields, defaults and bounds),
-    or `path` to any HF Qwen2.5-VL dir (or hub name)."""
+    or `path` to a HF model dir (or hub name) of a supported family (`workers.families`)."""
 
     path: str | None = None
     trust_remote_code: bool = Field(False, description="let this level's model dir run its own Python code")

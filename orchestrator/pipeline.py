@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import ray
 import ray.data
+from transformers import ProcessorMixin
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator import console
@@ -31,7 +32,8 @@ from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
 from workers.lengths import context_length, too_long
-from workers.models import (HKDProcessor, LevelShape, ModelDirError, build_level, build_tokenizer,
+from workers.families import UnsupportedFamilyError, family_of, load_processor
+from workers.models import (LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import record_units
 from workers.teacher import TeacherPool, check_compatible
@@ -56,10 +58,10 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     splits = load_splits(cfg, run_dir)
     unlabeled, meta_unlabeled = unlabeled_inputs(cfg, plans, run_dir, splits)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
-    check_tokenizers(plans, init_dirs)
+    check_levels(plans, init_dirs)
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, log)
-    processor = HKDProcessor.from_pretrained(init_dirs[cfg.direct.levels[0]])
+    processor = load_processor(init_dirs[cfg.direct.levels[0]])
     check_prompt_lengths(cfg, run_dir, processor, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
@@ -105,11 +107,11 @@ def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,
     """The unlabelled records and their counts for run.json, when a stage trains on them; else ([], None)."""
     if not any(uses_unlabeled(cfg, p) for p in plans):
         return [], None
-    return load_unlabeled(cfg, run_dir, splits, synth_spec(cfg))
+    return load_unlabeled(cfg, run_dir, splits, cfg.data.synth.generator_spec())
 
 
 def encode_inputs(splits: dict[str, list[dict]], unlabeled: list[dict],
-                  processor: HKDProcessor) -> dict[str, ray.data.Dataset]:
+                  processor: ProcessorMixin) -> dict[str, ray.data.Dataset]:
     """Encoded train and val splits, and `train_kd`: what distillation stages train on, the training records
     with the unlabelled ones spread among them (also added to `splits`; the train split itself without any)."""
     encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
@@ -152,7 +154,7 @@ def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Pat
         if lc.path:
             log(f"  level {name}: {lc.path}")
         else:
-            log(f"  level {name}: tiny Qwen2.5-VL, hidden {lc.hidden} × {lc.layers} layers, "
+            log(f"  level {name}: tiny {lc.family}, hidden {lc.hidden} × {lc.layers} layers, "
                 f"vision {lc.vision_hidden} × {lc.vision_depth}")
     log("  data: " + "; ".join(f"{split} {n['records']} ("
                                + ", ".join(f"{t} {c}" for t, c in n["tasks"].items()) + ")"
@@ -176,7 +178,7 @@ def split_files(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
         data_dir = run_dir / "data"
         if not (data_dir / "meta.json").is_file():
             s = cfg.data.synth
-            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=synth_spec(cfg))
+            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=cfg.data.synth.generator_spec())
         return {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
     files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
     if not files["val"]:
@@ -189,7 +191,7 @@ def _load_args(cfg: RunConfig) -> dict:
             "max_image_pixels": cfg.data.max_image_pixels}
 
 
-def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: HKDProcessor, init_dirs: dict[str, Path]) -> None:
+def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: ProcessorMixin, init_dirs: dict[str, Path]) -> None:
     """Refuse, before any training, a record whose prompt is longer than the shortest context of the levels.
 
     Skipped for the generated benchmark, whose prompts are a few dozen tokens: the check encodes every prompt
@@ -206,18 +208,6 @@ def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: HKDProcessor,
         for line, message in too_long(scan.records, scan.lines, processor, contexts[level]):
             raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
                             ("--model-dir", str(init_dirs[level])))
-
-
-def synth_spec(cfg: RunConfig) -> synth.SynthSpec:
-    """The generator settings of `data.synth` (also the scenes of grounding pre-training)."""
-    s = cfg.data.synth
-    return synth.SynthSpec(image_size=s.image_size, min_objects=s.min_objects, max_objects=s.max_objects,
-                           **{k: _tuples(v) for k, v in s.spec.items()})
-
-
-def _tuples(value):
-    """YAML lists → the tuples SynthSpec's frozen fields use."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dict[str, Path]:
@@ -243,9 +233,21 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
     return out
 
 
-def check_tokenizers(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None:
-    """Refuse a teacher level whose tokenizer differs from its student's before any stage trains (a stage's
-    model keeps its level's tokenizer, so the initial dirs decide)."""
+def check_levels(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None:
+    """Refuse, before any stage trains, levels of different model families (the run encodes its inputs once,
+    with its first level's processor, and teachers read the student's encoded batches), and a teacher level
+    whose tokenizer differs from its student's (a stage's model keeps its level's tokenizer, so the initial
+    dirs decide)."""
+    families = {}
+    for level, model_dir in init_dirs.items():
+        try:
+            families[level] = family_of(model_dir).name
+        except UnsupportedFamilyError as err:
+            raise ConfigError(f"levels.{level}.path: {err}") from None
+    if len(set(families.values())) > 1:
+        named = ", ".join(f"levels.{level} is {name}" for level, name in families.items())
+        raise ConfigError(f"{named}: a run's levels must be one model family (distillation across families "
+                          "is not built yet)")
     level_of = {p.name: p.level for p in plans}
     for teacher, student in sorted({(level_of[t["stage"]], p.level) for p in plans for t in p.teachers}):
         try:
@@ -279,7 +281,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
         with step_bar(plan.name, progress):
             if plan.kind == "grounding":
                 log_params(flatten({"stage": plan.train.model_dump()}))
-                val = fit_grounding(plan.name, init_dir, out_dir, plan.train, synth_spec(cfg), cfg.resources,
+                val = fit_grounding(plan.name, init_dir, out_dir, plan.train, cfg.data.synth.generator_spec(), cfg.resources,
                                     run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
                 loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),

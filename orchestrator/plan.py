@@ -21,7 +21,8 @@ from orchestrator.config import ConfigError, RunConfig, TrainConfig
 from orchestrator.stages import StagePlan, plan_stages
 from workers import synth
 from workers.lora import add_lora
-from workers.models import HKDProcessor, LevelShape, build_config, build_tokenizer, label_word_ids
+from workers.families import FAMILIES, load_processor
+from workers.models import LevelShape, build_tokenizer, label_word_ids
 
 ACTIVATION_SHARE = 0.15
 GB = 1e9
@@ -61,7 +62,8 @@ def _level(cfg: RunConfig, name: str, model_configs: Path | None) -> Level:
     lc = cfg.levels[name]
     if lc.path is None:
         tokenizer = _tiny_tokenizer(cfg.vocab_size)
-        config = build_config(LevelShape(**lc.shape_fields()), tokenizer)
+        shape = LevelShape(**lc.shape_fields())
+        config = FAMILIES[shape.family].build_config(shape, tokenizer)
         facts = (len(tokenizer), label_word_ids(tokenizer))
     else:
         config, facts = _hf_config(name, lc.path, model_configs)
@@ -81,7 +83,7 @@ def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[Pretra
     """A checkpoint's config and tokenizer facts: its own dir, else the mirror, else the hub (config only)."""
     local = Path(path)
     if (local / "config.json").is_file():
-        tokenizer = HKDProcessor.from_pretrained(local).tokenizer
+        tokenizer = load_processor(local).tokenizer
         return AutoConfig.from_pretrained(local), (len(tokenizer), label_word_ids(tokenizer))
     mirror = model_configs / f"{local.name}.json" if model_configs else None
     if mirror is None or not mirror.is_file():

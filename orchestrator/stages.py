@@ -22,10 +22,11 @@ from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherSpec, TrainSettings
 from workers.entry_points import grounding_loop_per_worker, train_loop_per_worker
+from workers.shapes import LevelShape
 from workers.synth import SynthSpec
 
 if TYPE_CHECKING:  # model code is imported where it is used: a sweep trial's process never needs it
-    from workers.models import HKDProcessor
+    from transformers import ProcessorMixin
 
 MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
 
@@ -144,7 +145,7 @@ def loss_params(loss: StageLossConfig) -> dict:
     return {**dataclasses.asdict(loss), "teachers": [dataclasses.asdict(t) for t in loss.teachers]}
 
 
-def encode_split(records: list[dict], processor: HKDProcessor) -> ray.data.Dataset:
+def encode_split(records: list[dict], processor: ProcessorMixin) -> ray.data.Dataset:
     """Prompts (one row per record), tokenization and image preprocessing as a Ray Data map, materialized once
     per run (every stage reuses it; the train workers never decode images), in record order so that runs
     repeat."""
@@ -169,9 +170,9 @@ def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
     if not cfg.augment.enabled:
         return None
     from workers.epoch_data import epoch_datasets
-    from workers.models import HKDProcessor
+    from workers.families import load_processor
 
-    processor = HKDProcessor.from_pretrained(init_dir)
+    processor = load_processor(init_dir)
     return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
 
 
@@ -304,7 +305,10 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
         if uses_unlabeled(cfg, p):
             plan["unlabeled"] = {"weight": p.unlabeled_weight, "files": cfg.data.unlabeled,
                                  "synth": cfg.data.synth.unlabeled, "use": cfg.data.unlabeled_use}
-        blob = json.dumps({"run": run, "level": cfg.levels[p.level].model_dump(), "plan": plan, "deps": deps},
+        level = cfg.levels[p.level].model_dump()
+        if level["family"] == LevelShape.family:  # only another family enters: runs from before `family` keep theirs
+            del level["family"]
+        blob = json.dumps({"run": run, "level": level, "plan": plan, "deps": deps},
                           sort_keys=True)
         out[p.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out

@@ -54,7 +54,7 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     The pipeline and model code are imported here, in the sweep's driver: each trial's process imports this
     module to run `_trial` and needs neither."""
     from orchestrator.pipeline import encode_inputs, load_splits, model_dir, start_teachers, unlabeled_inputs
-    from workers.models import HKDProcessor
+    from workers.families import load_processor
 
     spec, cfg, plan = sweep.spec, sweep.base, sweep.plan
     from_run = Path(spec.from_run).resolve()
@@ -70,7 +70,7 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     unlabeled, _ = unlabeled_inputs(cfg, [plan], from_run, splits)
     teacher_cpus = len(plan.teachers) * cfg.teachers.replicas * cfg.teachers.num_cpus
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
-    processor = HKDProcessor.from_pretrained(init_dir)
+    processor = load_processor(init_dir)
     encoded = encode_inputs(splits, unlabeled, processor)
     source = "train" if plan.kind == "direct" else "train_kd"  # as in `hkd run`: only distillation sees unlabelled
     train_ds, val_ds = encoded[source], encoded["val"]

@@ -257,7 +257,7 @@ def test_training_inputs_see_the_converted_image(d, tiny_model_dir):
     """encode_records reads images through the same conversion: a transparent image is white, 16-bit is scaled."""
     import numpy as np
 
-    from workers.models import HKDProcessor
+    from workers.families import load_processor
     from workers.prompts import encode_records, record_units
 
     Image.new("RGBA", (112, 112), (255, 0, 0, 0)).save(d / "clear.png")
@@ -266,6 +266,6 @@ def test_training_inputs_see_the_converted_image(d, tiny_model_dir):
     Image.new("RGB", (112, 112), (128, 128, 128)).save(d / "grey.png")
     names = ["clear.png", "white.png", "deep.png", "grey.png"]
     records = load_jsonl(_write(d, [_fact(i, image=name) for i, name in enumerate(names)]))
-    enc = encode_records(record_units(records), HKDProcessor.from_pretrained(tiny_model_dir))
+    enc = encode_records(record_units(records), load_processor(tiny_model_dir))
     pixels = [np.asarray(p, dtype=np.float32) for p in enc["pixel_values"]]
     assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[2], pixels[3])

@@ -82,3 +82,18 @@ def test_eval_every_is_validated_and_left_out_of_fingerprints(tmp_path):
             load_config(path, [f"direct.train.eval_every={bad}"])
     with pytest.raises(ConfigError, match="'tcrd.train.eval_every'"):
         load_config(path, ["tcrd.train.eval_every=-3"])
+
+
+def test_generator_settings_checked_at_load_naming_data_synth(tmp_path):
+    """A scene setting the generator cannot honour is a config error naming `data.synth`, not a failure in the
+    middle of the run."""
+    levels = "levels: {S: {}}\ndirect: {levels: [S]}\n"
+    path = _write(tmp_path, levels + "data: {synth: {image_size: 56}}\n")  # 5 objects on a 2x2 grid
+    with pytest.raises(ConfigError, match=r"'data.synth': .*max_objects <= 4 \(the 2x2 grid of 28-px cells of a "
+                                          r"56-px image\)"):
+        load_config(path)
+    path = _write(tmp_path, levels + "data: {synth: {spec: {colors: [red]}}}\n")
+    with pytest.raises(ConfigError, match=r"'data.synth': .*unknown spec key\(s\) \['colors'\]"):
+        load_config(path)
+    assert load_config(_write(tmp_path, levels + "data: {synth: {image_size: 56, max_objects: 3}}\n")).data.synth \
+        .generator_spec().max_objects == 3

@@ -15,7 +15,8 @@ from orchestrator.config import AugmentSection, ConfigError, load_config
 from workers.augment import AugmentConfig
 from workers.epoch_data import encode_augmented, epoch_datasets
 from workers.losses import teacher_topk
-from workers.models import HKDProcessor, load_model_dir
+from workers.families import load_processor
+from workers.models import load_model_dir
 from workers.prompts import collate_records, encode_records, record_units
 from workers.teacher import TeacherPool
 from tests.conftest import stage_loss_config
@@ -25,7 +26,7 @@ from workers.teacher_requests import TeacherRequests
 CFG = AugmentConfig(flip_p=0.5)
 
 
-def _encode(records: list[dict], processor: HKDProcessor, epoch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _encode(records: list[dict], processor, epoch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return encode_augmented({"record": np.array([json.dumps(r) for r in records])}, processor, epoch, seed, CFG)
 
 
@@ -36,7 +37,7 @@ def _rows(batch: dict) -> dict[str, tuple]:
 
 
 def test_same_key_same_encoded_sample(records, tiny_model_dir):
-    processor = HKDProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     first, again = _encode(records[:8], processor, epoch=1), _encode(records[:8], processor, epoch=1)
     assert _rows(first) == _rows(again)
     other_epoch, other_seed = _encode(records[:8], processor, epoch=2), _encode(records[:8], processor, 1, seed=7)
@@ -56,7 +57,7 @@ def ray_session():
 
 
 def test_ray_data_epochs_match_the_direct_map(ray_session, records, tiny_model_dir):
-    processor = HKDProcessor.from_pretrained(tiny_model_dir)
+    processor = load_processor(tiny_model_dir)
     epochs = epoch_datasets(records, processor, epochs=2, seed=0, cfg=CFG)
     for epoch, ds in enumerate(epochs):
         rows = {}

@@ -12,15 +12,15 @@ import json
 
 import numpy as np
 import ray.data
+from transformers import ProcessorMixin
 
 from workers.augment import AugmentConfig, augment_record
-from workers.models import HKDProcessor
 from workers.prompts import encode_records, record_units
 
 RECORDS_PER_TASK = 16
 
 
-def encode_augmented(batch: dict[str, np.ndarray], processor: HKDProcessor, epoch: int, seed: int,
+def encode_augmented(batch: dict[str, np.ndarray], processor: ProcessorMixin, epoch: int, seed: int,
                      cfg: AugmentConfig) -> dict[str, np.ndarray]:
     """Ray Data map over JSON-encoded records: the same (record id, epoch, seed, cfg) gives the same rows."""
     units = []
@@ -34,7 +34,7 @@ def encode_augmented(batch: dict[str, np.ndarray], processor: HKDProcessor, epoc
     return out
 
 
-def epoch_datasets(records: list[dict], processor: HKDProcessor, epochs: int, seed: int,
+def epoch_datasets(records: list[dict], processor: ProcessorMixin, epochs: int, seed: int,
                    cfg: AugmentConfig) -> list[ray.data.Dataset]:
     """One lazy dataset per epoch (records go as JSON strings: Arrow cannot type the mixed `facts` field)."""
     rows = [{"record": json.dumps(r)} for r in records]

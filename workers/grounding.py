@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import ProcessorMixin
 
 from workers import synth
-from workers.models import HKDProcessor, load_model_dir, save_model_dir
+from workers.models import load_model_dir, save_model_dir
 
 GROUNDING_PROMPT = "Describe the image."
 IGNORE = -100
 
 
-def encode_scenes(scenes: list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
+def encode_scenes(scenes: list[dict], processor: ProcessorMixin) -> dict[str, np.ndarray]:
     """Prompt (image + request) followed by the description and end of turn; labels only on the latter."""
     tok = processor.tokenizer
     prompt = processor.apply_chat_template(

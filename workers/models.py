@@ -1,8 +1,8 @@
-"""The model pyramid: offline tiny Qwen2.5-VL levels, their shared tokenizer and processor, and loading.
+"""The model pyramid: offline tiny levels, their shared tokenizer, saving and loading.
 
-The tiny levels are built from `Qwen2_5_VLConfig` with random weights and saved as ordinary Hugging Face
-model dirs, so the exact code path that loads them (`load_model_dir`) also loads `Qwen/Qwen2.5-VL-7B-Instruct`
-or any local checkpoint dir.
+The tiny levels are built from their family's config class (`workers.families`) with random weights and saved
+as ordinary Hugging Face model dirs, so the exact code path that loads them (`load_model_dir`) also loads
+`Qwen/Qwen2.5-VL-7B-Instruct` or any local checkpoint dir of a supported family.
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForImageTextToText,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-)
-from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, ProcessorMixin
 
+from workers.families import FAMILIES, load_processor
 from workers.lora import ADAPTER_DIR, is_lora
 from workers.shapes import LevelShape
 
@@ -33,8 +27,6 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 LABEL_WORDS = ("yes", "no")  # positive, negative answer words; each must be one token
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Qwen2-VL's chat template (system turn optional), trimmed of the video branch we never use.
 CHAT_TEMPLATE = (
@@ -45,21 +37,6 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class HKDProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without a video processor.
-
-    `Qwen2_5_VLProcessor` cannot be built without torchvision (its video processor needs it); ProcessorMixin
-    reads the parts from `__init__`'s signature, so a signature without `video_processor` builds and reloads.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = "<|image_pad|>"
-        self.video_token = "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        super(Qwen2_5_VLProcessor, self).__init__(image_processor, tokenizer, chat_template=chat_template)
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -88,62 +65,16 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedToke
     return fast
 
 
-def build_image_processor(image_size: int) -> Qwen2VLImageProcessorPil:
-    """Qwen-VL image processor pinned to one square size, so every image gives the same token count."""
-    pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )
-
-
-def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config of the given shape over the shared tokenizer."""
-    head_dim = shape.hidden // shape.heads
-    # HF's default std of 0.02 suits widths in the thousands; at tiny widths it leaves attention nearly
-    # uniform and image–text binding stalls for thousands of steps. 1/sqrt(width) learns it in tens.
-    std = shape.init_std or shape.hidden ** -0.5
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"], initializer_range=std,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": _mrope_section(head_dim)},
-    )
-    vision = dict(
-        depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
-        num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
-        initializer_range=shape.vision_hidden ** -0.5,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False, initializer_range=std,
-    )
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's 16/24/24 of 64."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
 def build_level(out_dir: str | Path, shape: LevelShape, tokenizer: PreTrainedTokenizerFast, image_size: int,
                 seed: int = 0) -> Path:
-    """Build one random-init level and save it (weights, tokenizer, processor) as a HF model dir."""
+    """Build one random-init level of its family and save it (weights, tokenizer, processor) as a HF model dir."""
+    family = FAMILIES[shape.family]
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(build_config(shape, tokenizer))
-    processor = HKDProcessor(image_processor=build_image_processor(image_size), tokenizer=tokenizer,
-                             chat_template=CHAT_TEMPLATE)
-    return save_model_dir(model, processor, out_dir)
+    model = family.model_class(family.build_config(shape, tokenizer))
+    return save_model_dir(model, family.build_processor(tokenizer, image_size, CHAT_TEMPLATE), out_dir)
 
 
-def save_model_dir(model: torch.nn.Module, processor: HKDProcessor, out_dir: str | Path,
+def save_model_dir(model: torch.nn.Module, processor: ProcessorMixin, out_dir: str | Path,
                    extra: dict | None = None) -> Path:
     """Write a complete model dir under a temporary name, then rename: a dir that exists is complete.
 
@@ -176,8 +107,8 @@ def save_model_dir(model: torch.nn.Module, processor: HKDProcessor, out_dir: str
 
 
 def load_model_dir(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   trust_remote_code: bool = False) -> tuple[torch.nn.Module, HKDProcessor]:
-    """Load any Qwen2.5-VL-style HF dir (ours or a real checkpoint) with its processor.
+                   trust_remote_code: bool = False) -> tuple[torch.nn.Module, ProcessorMixin]:
+    """Load a HF model dir of a supported family (ours or a real checkpoint) with its processor.
 
     Weights load from safetensors only (a pickled `.bin` could run code); a model's own Python code runs
     only when the caller opts in with `trust_remote_code`, and then with a warning naming the model.
@@ -187,7 +118,7 @@ def load_model_dir(model_dir: str | Path, dtype: torch.dtype = torch.float32, de
         warnings.warn(f"trust_remote_code is on for {model_dir}: its Python code will run", stacklevel=2)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                                         use_safetensors=True)
-    processor = HKDProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     return model.to(device), processor
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from transformers import ProcessorMixin
 
 from workers.data import load_rgb
-from workers.models import HKDProcessor
 
 FACTUALITY_QUESTION = "Is the claim true?"
 
@@ -42,7 +42,7 @@ def record_units(records: list[dict]) -> list[dict]:
     return units
 
 
-def encode_records(units: dict[str, np.ndarray] | list[dict], processor: HKDProcessor) -> dict[str, np.ndarray]:
+def encode_records(units: dict[str, np.ndarray] | list[dict], processor: ProcessorMixin) -> dict[str, np.ndarray]:
     """Tokenize prompts and preprocess images, one row per record (no padding: `collate_records` pads per
     batch), with the supervised positions of each row (indices into its unpadded `input_ids`: each option's
     closing token, else the last token) and their targets.

@@ -5,11 +5,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+FamilyName = Literal["qwen2_5_vl", "qwen3_vl"]  # the keys of `workers.families.FAMILIES`
 
 
 @dataclass(frozen=True)
 class LevelShape:
-    """Size of one pyramid level (text decoder + vision tower)."""
+    """Family and size of one pyramid level (text decoder + vision tower)."""
+
+    family: FamilyName = field(default="qwen2_5_vl", metadata={"doc": "model family (its HF model_type) of a "
+                                                                      "tiny level"})
 
     hidden: int = field(default=128, metadata={"bounds": {"ge": 8}})
     layers: int = field(default=2, metadata={"bounds": {"ge": 1}})

@@ -98,7 +98,8 @@ class SynthSpec:
         lo, hi = self.options_per_scene
         checks = {
             "grid must be at least 1x1": grid >= 1,
-            "need 1 <= min_objects <= max_objects <= grid cells": 1 <= self.min_objects <= self.max_objects <= grid * grid,
+            f"need 1 <= min_objects <= max_objects <= {grid * grid} (the {grid}x{grid} grid of "
+            f"{self.cell_px}-px cells of a {self.image_size}-px image)": 1 <= self.min_objects <= self.max_objects <= grid * grid,
             "max_objects too large for number words": self.max_objects + 1 < len(NUMBER_WORDS),
             "need 1 <= options_per_scene[0] <= options_per_scene[1]": 1 <= lo <= hi,
             "unknown shape": set(self.shapes) <= set(PLURALS) and len(set(self.shapes)) == len(self.shapes) >= 2,

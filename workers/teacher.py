@@ -21,7 +21,8 @@ import torch
 
 from workers.inference import position_logits
 from workers.losses import teacher_topk
-from workers.models import HKDProcessor, check_same_tokenizer, count_parameters, label_word_ids, load_model_dir
+from workers.families import load_processor
+from workers.models import check_same_tokenizer, count_parameters, label_word_ids, load_model_dir
 from workers.prompts import model_inputs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -79,8 +80,8 @@ def dir_fingerprint(model_dir: str | Path) -> str:
 
 def check_compatible(teacher_dir: str | Path, student_dir: str | Path) -> None:
     """Refuse a teacher whose tokenizer differs from the student's (loads only the processors)."""
-    check_same_tokenizer(HKDProcessor.from_pretrained(teacher_dir).tokenizer,
-                         HKDProcessor.from_pretrained(student_dir).tokenizer,
+    check_same_tokenizer(load_processor(teacher_dir).tokenizer,
+                         load_processor(student_dir).tokenizer,
                          f"teacher {teacher_dir}", f"student {student_dir}")
 
 

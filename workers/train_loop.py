@@ -14,12 +14,13 @@ import time
 
 import torch
 from ray.data import DataIterator
+from transformers import ProcessorMixin
 
 from workers.checkpoints import record_attempt, report_checkpoint, resume
 from workers.contract import StageJob
 from workers.inference import position_logits, predict, task_metrics, to_device
 from workers.lora import add_lora
-from workers.models import HKDProcessor, label_word_ids, load_model_dir, save_model_dir
+from workers.models import label_word_ids, load_model_dir, save_model_dir
 from workers.objectives import StageObjective
 from workers.optim import adamw, set_lr, update
 from workers.prompts import collate_records
@@ -144,7 +145,7 @@ class StageRun:
         return self.val
 
 
-def evaluate_rank0(model: torch.nn.Module, processor: HKDProcessor, label_ids: tuple[int, int],
+def evaluate_rank0(model: torch.nn.Module, processor: ProcessorMixin, label_ids: tuple[int, int],
                    batch_size: int, val: DataIterator) -> dict[str, float]:
     """Metrics per task on the whole validation split `val` (rank 0 reads it unsplit), one entry per supervised
     position with that position's task."""

@@ -1,0 +1,141 @@
+"""Model families (`workers.families`): a tiny Qwen3-VL pyramid runs the same path as Qwen2.5-VL (build offline,
+load, encode, forward, Ray Train direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd
+predict`); levels of different families in one run are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import typing
+
+import pytest
+import ray
+import torch
+
+from orchestrator.cli import main
+from workers import synth
+from workers.data import load_jsonl
+from workers.families import FAMILIES, family_of, load_processor
+from workers.inference import position_logits
+from workers.models import LevelShape, build_level, build_tokenizer, load_model_dir
+from workers.prompts import collate_records, encode_records, record_units
+
+TINY = "{family: qwen3_vl, hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
+
+
+def test_family_names_are_the_adapters():
+    """`LevelShape.family` (torch-free, for config validation) lists exactly the adapters there are."""
+    assert typing.get_args(typing.get_type_hints(LevelShape)["family"]) == tuple(FAMILIES)
+
+
+def test_tiny_qwen3_vl_level_builds_loads_and_scores_each_option(tmp_path):
+    synth.generate(tmp_path / "data", seed=0, n_train=4, n_val=2, n_test=2)
+    records = [r for t in synth.TASKS for r in load_jsonl(tmp_path / "data" / t / "train.jsonl")]
+    units = record_units(records)
+    tok = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(50), vocab_size=512)
+    shape = LevelShape(family="qwen3_vl", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                       vision_hidden=32, vision_depth=1, vision_heads=2)
+    model_dir = build_level(tmp_path / "m", shape, tok, image_size=56)
+    assert family_of(model_dir).name == "qwen3_vl"
+    model, processor = load_model_dir(model_dir)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert type(processor) is FAMILIES["qwen3_vl"].processor_class is type(load_processor(model_dir))
+    batch = collate_records(encode_records(units, processor), tok.pad_token_id, model.config.image_token_id)
+    assert len(batch["target"]) == sum(len(u["targets"]) for u in units)  # one position per option / claim
+    logits = position_logits(model, batch)
+    assert logits.shape == (len(batch["target"]), len(tok)) and torch.isfinite(logits).all()
+    # 16-pixel patches, merged 2 x 2: a 56-pixel image is resized to 64 and gives 4 image tokens.
+    assert (batch["input_ids"][0] == model.config.image_token_id).sum() == 4
+
+
+@pytest.fixture()
+def fresh_ray():
+    yield
+    ray.shutdown()
+
+
+def test_qwen3_vl_pyramid_direct_then_distilled_then_evaluate_and_predict(tmp_path, capsys, fresh_ray):
+    config = tmp_path / "q3.yaml"
+    config.write_text(f"""
+name: q3
+vocab_size: 512
+data: {{source: synth, synth: {{train: 6, val: 2, test: 2, image_size: 56, max_objects: 3}}}}
+levels: {{L: {TINY}, S: {TINY}}}
+direct: {{levels: [L], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
+ppod:
+  enabled: true
+  stages: [{{student: S, teachers: [{{level: L}}]}}]
+  train: {{epochs: 1, batch_size: 4, log_every: 1}}
+teachers: {{k: 8, num_cpus: 0.5}}
+resources: {{num_workers: 1, cpus_per_worker: 1}}
+""")
+    run_dir = tmp_path / "runs" / "q3"
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {"L-direct", "S+PPOD"} <= set(report["rows"])
+    distilled = json.loads((run_dir / "stages" / "S+PPOD.json").read_text())
+    assert distilled["val"]["steps"] >= 1
+    assert family_of(run_dir / "models" / "S+PPOD").name == "qwen3_vl"
+    capsys.readouterr()
+
+    test_files = [str(run_dir / "data" / t / "test.jsonl") for t in synth.TASKS]
+    assert main(["evaluate", str(run_dir / "models" / "S+PPOD"), *test_files, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["task"] for r in rows] == list(synth.TASKS) and all(0 <= r["f1"] <= 1 for r in rows)
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", str(run_dir / "models" / "S+PPOD"), test_files[1], "--out", str(preds)]) == 0
+    assert len(preds.read_text().splitlines()) == len(load_jsonl(test_files[1]))
+
+
+def test_levels_of_two_families_refused_before_any_work(tmp_path, capsys):
+    config = tmp_path / "mixed.yaml"
+    config.write_text(f"""
+name: mixed
+vocab_size: 512
+data: {{source: synth, synth: {{train: 4, val: 2, test: 2}}}}
+levels: {{L: {TINY}, S: {{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}}}}
+direct: {{levels: [L, S], train: {{epochs: 1, batch_size: 4}}}}
+resources: {{num_workers: 1, cpus_per_worker: 1}}
+""")
+    run_dir = tmp_path / "runs" / "mixed"
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "levels.L is qwen3_vl, levels.S is qwen2_5_vl: a run's levels must be one model family" in err
+    assert not (run_dir / "stages").exists()
+
+
+def test_unknown_family_refused_with_key_path(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("levels: {S: {family: gemma3}}\n")
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "levels.S.family" in err and "qwen3_vl" in err
+
+
+def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, capsys, tiny_model_dir):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"levels: {{S: {{path: '{other}'}}}}\ndirect: {{levels: [S]}}\n"
+                    "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    assert f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl)" in (
+        capsys.readouterr().err)
+
+
+def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):
+    """A finished stage is not reused under another family; Qwen2.5-VL runs from before `family` keep theirs."""
+    from orchestrator.config import load_config
+    from orchestrator.stages import fingerprints, plan_stages
+
+    prints = {}
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        path = tmp_path / f"{family}.yaml"
+        path.write_text(f"levels: {{S: {{family: {family}}}}}\ndirect: {{levels: [S]}}\n")
+        cfg = load_config(path)
+        prints[family] = fingerprints(cfg, plan_stages(cfg))["S-direct"]
+    (tmp_path / "none.yaml").write_text("levels: {S: {}}\ndirect: {levels: [S]}\n")
+    cfg = load_config(tmp_path / "none.yaml")
+    assert fingerprints(cfg, plan_stages(cfg))["S-direct"] == prints["qwen2_5_vl"] != prints["qwen3_vl"]
