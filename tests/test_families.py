@@ -115,8 +115,10 @@ def test_unknown_family_refused_with_key_path(tmp_path, capsys):
 def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, capsys, tiny_model_dir):
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    for name, key, value in (("config.json", "model_type", "llava"), ("processor_config.json", "processor_class",
+                                                                       "LlavaProcessor")):
+        saved = json.loads((other / name).read_text())
+        (other / name).write_text(json.dumps({**saved, key: value}))
     path = tmp_path / "c.yaml"
     path.write_text(f"levels: {{S: {{path: '{other}'}}}}\ndirect: {{levels: [S]}}\n"
                     "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")

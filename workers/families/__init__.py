@@ -42,14 +42,21 @@ class UnsupportedFamilyError(ValueError):
 
 
 def family_of(model_dir: str | Path) -> Family:
-    """The family of a model dir (or hub name), from its config's `model_type`."""
-    local = Path(model_dir) / "config.json"
-    model_type = (json.loads(local.read_text()).get("model_type") if local.is_file()
+    """The family of a model dir (or hub name), from its config's `model_type`; for a model of its own
+    `model_type` (its own code, `trust_remote_code`), from the processor it was saved with, when that is one of
+    these families' (then its inputs are that family's)."""
+    local = Path(model_dir)
+    model_type = (json.loads((local / "config.json").read_text()).get("model_type") if local.is_dir()
                   else AutoConfig.from_pretrained(model_dir).model_type)
-    if model_type not in FAMILIES:
-        raise UnsupportedFamilyError(f"{model_dir}: model_type {model_type!r} is not a supported family "
-                                     f"({', '.join(FAMILIES)})")
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    saved = local / "processor_config.json"
+    processor = json.loads(saved.read_text()).get("processor_class") if saved.is_file() else None
+    for family in FAMILIES.values():
+        if processor == family.processor_class.__name__:
+            return family
+    raise UnsupportedFamilyError(f"{model_dir}: model_type {model_type!r} is not a supported family "
+                                 f"({', '.join(FAMILIES)})")
 
 
 def load_processor(model_dir: str | Path) -> ProcessorMixin:
