@@ -46,12 +46,6 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, chat_te
                         chat_template=chat_template)
 
 
-def special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Ids of the Qwen-VL special tokens a config names (both Qwen-VL families use the same tokens)."""
-    names = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in names}
-
-
 def mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's 16/24/24 of 64."""
     half = head_dim // 2
@@ -60,29 +54,51 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config of the given shape over the shared tokenizer."""
+def text_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The text decoder of a tiny Qwen-VL level (both Qwen-VL families)."""
     head_dim = shape.hidden // shape.heads
-    # HF's default std of 0.02 suits widths in the thousands; at tiny widths it leaves attention nearly
-    # uniform and image–text binding stalls for thousands of steps. 1/sqrt(width) learns it in tens.
-    std = shape.init_std or shape.hidden ** -0.5
     ids = special_ids(tokenizer)
-    text = dict(
+    return dict(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"], initializer_range=std,
+        pad_token_id=ids["<|endoftext|>"], initializer_range=init_std(shape),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": mrope_section(head_dim)},
     )
-    vision = dict(
+
+
+def vision_config(shape: LevelShape, patch_size: int) -> dict:
+    """The vision tower of a tiny Qwen-VL level (both Qwen-VL families), merging 2 x 2 patches into a token."""
+    return dict(
         depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
-        num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
-        initializer_range=shape.vision_hidden ** -0.5,
+        num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=patch_size, spatial_merge_size=2,
+        temporal_patch_size=2, initializer_range=shape.vision_hidden ** -0.5,
     )
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False, initializer_range=std,
-    )
+
+
+def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The config's ids of the image, video and vision start/end tokens (the same tokens in both families)."""
+    ids = special_ids(tokenizer)
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    names = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in names}
+
+
+def init_std(shape: LevelShape) -> float:
+    """HF's default std of 0.02 suits widths in the thousands; at tiny widths it leaves attention nearly uniform
+    and image–text binding stalls for thousands of steps. 1/sqrt(width) learns it in tens."""
+    return shape.init_std or shape.hidden ** -0.5
+
+
+def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the given shape over the shared tokenizer."""
+    vision = {**vision_config(shape, patch_size=14), "window_size": 112,
+              "fullatt_block_indexes": [shape.vision_depth - 1]}
+    return Qwen2_5_VLConfig(text_config=text_config(shape, tokenizer), vision_config=vision,
+                            tie_word_embeddings=False, initializer_range=init_std(shape),
+                            **vision_token_ids(tokenizer))

@@ -11,7 +11,7 @@ import math
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from workers.families.qwen2_5_vl import mrope_section, qwen_image_processor, special_ids
+from workers.families.qwen2_5_vl import qwen_image_processor, text_config, vision_config, vision_token_ids
 from workers.shapes import LevelShape
 
 MODEL = Qwen3VLForConditionalGeneration
@@ -39,25 +39,11 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, chat_te
 
 def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
     """A Qwen3-VL config of the given shape over the shared tokenizer (init as the Qwen2.5-VL levels')."""
-    head_dim = shape.hidden // shape.heads
-    std = shape.init_std or shape.hidden ** -0.5
-    ids = special_ids(tokenizer)
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=head_dim, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], initializer_range=std,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim),
-                         "mrope_interleaved": True},
-    )
-    vision = dict(
-        depth=shape.vision_depth, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
-        num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=PATCH, spatial_merge_size=2,
-        temporal_patch_size=2, num_position_embeddings=64,  # an 8 x 8 grid, interpolated to the image's
-        deepstack_visual_indexes=[shape.vision_depth - 1], initializer_range=shape.vision_hidden ** -0.5,
-    )
-    return Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )
+    text = text_config(shape, tokenizer)
+    text = {**text, "head_dim": shape.hidden // shape.heads,
+            "rope_parameters": {**text["rope_parameters"], "mrope_interleaved": True}}
+    vision = {**vision_config(shape, patch_size=PATCH),
+              "num_position_embeddings": 64,  # an 8 x 8 grid, interpolated to the image's
+              "deepstack_visual_indexes": [shape.vision_depth - 1]}
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                         **vision_token_ids(tokenizer))
