@@ -178,7 +178,7 @@ def split_files(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
         data_dir = run_dir / "data"
         if not (data_dir / "meta.json").is_file():
             s = cfg.data.synth
-            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=cfg.data.synth.generator_spec())
+            synth.generate(data_dir, seed=cfg.seed, n_train=s.train, n_val=s.val, n_test=s.test, spec=s.generator_spec())
         return {split: [data_dir / task / f"{split}.jsonl" for task in synth.TASKS] for split in synth.SPLITS}
     files = {split: getattr(cfg.data.files, split) for split in ("train", "val", "test")}
     if not files["val"]:
