@@ -5,6 +5,8 @@ Imported only where a stage is fitted."""
 
 from __future__ import annotations
 
+import os
+
 from ray.train import ScalingConfig
 from ray.train.backend import BackendConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -12,6 +14,10 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.placement import private_ray
+
+# How often the train controller polls its workers (Ray's default: 2 s). A stage's end is seen at the next poll,
+# so every stage waited a second on average for nothing; a poll is one small actor call per worker.
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 def stage_backend(scaling: ScalingConfig) -> BackendConfig:
@@ -38,6 +44,7 @@ class StageTrainer(DataParallelTrainer):
       trials a sweep stops are freed by `orchestrator.orphans`. On a cluster it runs as Ray made it."""
 
     def __init__(self, train_loop_per_worker, *, scaling_config: ScalingConfig, **kwargs) -> None:
+        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # Ray Train hands it to controller and workers
         super().__init__(train_loop_per_worker, backend_config=stage_backend(scaling_config),
                          scaling_config=scaling_config, **kwargs)
 

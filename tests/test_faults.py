@@ -156,8 +156,8 @@ def test_teacher_killed_mid_stage_restarts_and_matches(config, reference, tmp_pa
 
 def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp_path):
     """"Last checkpoint" is the latest one Ray Train registered, not the latest one hkd logged: a report still
-    queued in the killed worker (the controller polls every 2 s, an epoch here takes a few) is lost, and the
-    replacement then starts from the one before, here from scratch. Either way it must record where it
+    queued in the killed worker (the controller polls every 0.25 s) is lost, and the
+    replacement then starts from the one before, or from scratch. Either way it must record where it
     started (`resumed_from_step`, 0 = scratch) and end where the fault-free run did."""
     run_dir = tmp_path / "faults"
     _copy_first_stage(reference, run_dir)

@@ -108,3 +108,20 @@ def test_only_stages_with_a_process_group_to_connect_get_torch_config(tmp_path):
     check = f"import pickle, sys; pickle.loads(open({str(sent)!r}, 'rb').read()); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parents[1]).stdout.strip() == "False"
+
+
+def test_controller_polls_workers_every_quarter_second_unless_the_user_set_it(monkeypatch):
+    """A stage's end is seen at the controller's next poll of its workers: Ray's 2 s default cost every stage
+    about a second. hkd's default reaches the controller and workers through Ray Train's propagated env vars;
+    a value the user exported wins."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from orchestrator.trainer import POLL_INTERVAL_ENV
+
+    monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
+    StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert get_env_vars_to_propagate()[POLL_INTERVAL_ENV] == "0.25"
+    monkeypatch.setenv(POLL_INTERVAL_ENV, "5")
+    StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert get_env_vars_to_propagate()[POLL_INTERVAL_ENV] == "5"
