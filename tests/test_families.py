@@ -1,6 +1,6 @@
-"""Model families (`workers.families`): a tiny Qwen3-VL pyramid runs the same path as Qwen2.5-VL (build offline,
-load, encode, forward, Ray Train direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd
-predict`); levels of different families in one run are refused before any work."""
+"""Model families (`workers.families`): tiny Qwen3-VL and Idefics3 pyramids run the same path as Qwen2.5-VL
+(build offline, load, encode, forward, Ray Train direct tuning and distillation with a teacher actor, `hkd
+evaluate`, `hkd predict`); levels of different families in one run are refused before any work."""
 
 from __future__ import annotations
 
@@ -13,14 +13,24 @@ import ray
 import torch
 
 from orchestrator.cli import main
-from workers import synth
+from workers import grounding, synth
 from workers.data import load_jsonl
 from workers.families import FAMILIES, family_of, load_processor
 from workers.inference import position_logits
 from workers.models import LevelShape, build_level, build_tokenizer, load_model_dir
-from workers.prompts import collate_records, encode_records, record_units
+from workers.prompts import collate_records, encode_records, model_inputs, record_units, select_rows
 
-TINY = "{family: qwen3_vl, hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
+SHAPE = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
+             vision_heads=2)
+
+
+def tiny(family: str) -> str:
+    """A tiny level of `family` as the YAML flow mapping of a run config's `levels:`."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in {"family": family, **SHAPE}.items()) + "}"
+
+
+TINY = tiny("qwen3_vl")
+MODEL_CLASS = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
 
 
 def test_family_names_are_the_adapters():
@@ -28,24 +38,64 @@ def test_family_names_are_the_adapters():
     assert typing.get_args(typing.get_type_hints(LevelShape)["family"]) == tuple(FAMILIES)
 
 
-def test_tiny_qwen3_vl_level_builds_loads_and_scores_each_option(tmp_path):
-    synth.generate(tmp_path / "data", seed=0, n_train=4, n_val=2, n_test=2)
-    records = [r for t in synth.TASKS for r in load_jsonl(tmp_path / "data" / t / "train.jsonl")]
-    units = record_units(records)
+@pytest.fixture(scope="module", params=list(MODEL_CLASS))
+def level(request, tmp_path_factory):
+    """A tiny level of each non-default family with the records it encodes: (family, model, processor, units)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    synth.generate(tmp / "data", seed=0, n_train=4, n_val=2, n_test=2)
+    units = record_units([r for t in synth.TASKS for r in load_jsonl(tmp / "data" / t / "train.jsonl")])
     tok = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(50), vocab_size=512)
-    shape = LevelShape(family="qwen3_vl", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                       vision_hidden=32, vision_depth=1, vision_heads=2)
-    model_dir = build_level(tmp_path / "m", shape, tok, image_size=56)
-    assert family_of(model_dir).name == "qwen3_vl"
+    model_dir = build_level(tmp / "m", LevelShape(family=request.param, **SHAPE), tok, image_size=56)
+    assert family_of(model_dir).name == request.param
     model, processor = load_model_dir(model_dir)
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    assert type(processor) is FAMILIES["qwen3_vl"].processor_class is type(load_processor(model_dir))
-    batch = collate_records(encode_records(units, processor), tok.pad_token_id, model.config.image_token_id)
+    assert type(model).__name__ == MODEL_CLASS[request.param]
+    assert type(processor) is FAMILIES[request.param].processor_class is type(load_processor(model_dir))
+    return request.param, model, processor, units
+
+
+def _collate(enc: dict, processor, model) -> dict:
+    return collate_records(enc, processor.tokenizer.pad_token_id, model.config.image_token_id)
+
+
+def test_tiny_level_builds_loads_and_scores_each_option(level):
+    family, model, processor, units = level
+    batch = _collate(encode_records(units, processor), processor, model)
     assert len(batch["target"]) == sum(len(u["targets"]) for u in units)  # one position per option / claim
     logits = position_logits(model, batch)
-    assert logits.shape == (len(batch["target"]), len(tok)) and torch.isfinite(logits).all()
-    # 16-pixel patches, merged 2 x 2: a 56-pixel image is resized to 64 and gives 4 image tokens.
+    assert logits.shape == (len(batch["target"]), len(processor.tokenizer)) and torch.isfinite(logits).all()
+    # Qwen3-VL: 16-pixel patches merged 2 x 2, a 56-pixel image resized to 64; Idefics3: 14-pixel patches
+    # shuffled 2 x 2, 56 pixels as they are. Both give 4 image tokens.
     assert (batch["input_ids"][0] == model.config.image_token_id).sum() == 4
+    if family == "idefics3":
+        assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"}
+        assert batch["pixel_values"].shape == (len(units), 1, 3, 56, 56) and batch["pixel_attention_mask"].all()
+
+
+def test_select_rows_match_those_rows_collated_alone(level):
+    """What a teacher resend sends for some rows equals those rows batched alone (pixels follow their rows,
+    positions re-indexed; the padded width stays, so columns shift by the width difference)."""
+    family, model, processor, units = level
+    enc = encode_records(units, processor)
+    batch, rows = _collate(enc, processor, model), [1, 2, len(units) - 1]
+    part = select_rows(batch, rows)
+    alone = _collate({k: v[rows] for k, v in enc.items()}, processor, model)
+    keys = set(model_inputs(batch)) - {"input_ids", "attention_mask", "mm_token_type_ids"}
+    for key in keys:
+        assert torch.equal(part[key], alone[key]), key
+    shift = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
+    assert torch.equal(part["positions"], alone["positions"] + torch.tensor([0, shift]))
+    assert torch.equal(part["input_ids"][:, shift:], alone["input_ids"])
+
+
+def test_grounding_batches_of_each_family_train(level):
+    """The grounding stage's scenes go through the family's image format too: a finite loss with a gradient."""
+    family, model, processor, _ = level
+    batch = grounding.collate(grounding.encode_scenes(synth.random_scenes(1, 2), processor),
+                              processor.tokenizer.pad_token_id, model.config.image_token_id)
+    loss = grounding.grounding_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.fixture()
@@ -54,13 +104,14 @@ def fresh_ray():
     ray.shutdown()
 
 
-def test_qwen3_vl_pyramid_direct_then_distilled_then_evaluate_and_predict(tmp_path, capsys, fresh_ray):
-    config = tmp_path / "q3.yaml"
+@pytest.mark.parametrize("family", list(MODEL_CLASS))
+def test_pyramid_direct_then_distilled_then_evaluate_and_predict(family, tmp_path, capsys, fresh_ray):
+    config = tmp_path / f"{family}.yaml"
     config.write_text(f"""
-name: q3
+name: {family}
 vocab_size: 512
 data: {{source: synth, synth: {{train: 6, val: 2, test: 2, image_size: 56, max_objects: 3}}}}
-levels: {{L: {TINY}, S: {TINY}}}
+levels: {{L: {tiny(family)}, S: {tiny(family)}}}
 direct: {{levels: [L], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
 ppod:
   enabled: true
@@ -69,13 +120,13 @@ ppod:
 teachers: {{k: 8, num_cpus: 0.5}}
 resources: {{num_workers: 1, cpus_per_worker: 1}}
 """)
-    run_dir = tmp_path / "runs" / "q3"
+    run_dir = tmp_path / "runs" / family
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert {"L-direct", "S+PPOD"} <= set(report["rows"])
     distilled = json.loads((run_dir / "stages" / "S+PPOD.json").read_text())
-    assert distilled["val"]["steps"] >= 1
-    assert family_of(run_dir / "models" / "S+PPOD").name == "qwen3_vl"
+    assert distilled["val"]["steps"] >= 1 and distilled["val"]["teacher/calls"] >= 1  # the actor read the batches
+    assert family_of(run_dir / "models" / "S+PPOD").name == family
     capsys.readouterr()
 
     test_files = [str(run_dir / "data" / t / "test.jsonl") for t in synth.TASKS]
@@ -123,8 +174,8 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
     path.write_text(f"levels: {{S: {{path: '{other}'}}}}\ndirect: {{levels: [S]}}\n"
                     "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
-    assert f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl)" in (
-        capsys.readouterr().err)
+    assert (f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl, "
+            "idefics3)") in capsys.readouterr().err
 
 
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):

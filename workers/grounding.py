@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import ProcessorMixin
 
 from workers import synth
+from workers.families.formats import format_of
 from workers.models import load_model_dir, save_model_dir
 
 GROUNDING_PROMPT = "Describe the image."
@@ -33,13 +34,11 @@ def encode_scenes(scenes: list[dict], processor: ProcessorMixin) -> dict[str, np
         answer = tok.encode(synth.describe(scene) + tok.eos_token, add_special_tokens=False)
         ids.append(np.asarray(list(prompt_ids) + answer, dtype=np.int64))
         labels.append(np.asarray([IGNORE] * len(prompt_ids) + answer, dtype=np.int64))
-    pixels = np.asarray(enc["pixel_values"], dtype=np.float32)
-    grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(len(scenes), 3)
-    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_grid_thw": grids}
+    return {"input_ids": ids, "labels": labels, **format_of(enc).rows(enc, len(scenes), np.float32)}
 
 
 def collate(enc: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to one width (labels padded with IGNORE): a causal LM batch."""
+    """Right-pad to one width (labels padded with IGNORE): a causal LM batch, images in the family's format."""
     width = max(len(s) for s in enc["input_ids"])
     n = len(enc["input_ids"])
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -47,9 +46,8 @@ def collate(enc: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dic
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, (s, lab) in enumerate(zip(enc["input_ids"], enc["labels"])):
         ids[i, :len(s)], labels[i, :len(s)], mask[i, :len(s)] = torch.from_numpy(s), torch.from_numpy(lab), 1
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token_id).int(),
-            "pixel_values": torch.from_numpy(enc["pixel_values"]),
-            "image_grid_thw": torch.from_numpy(enc["image_grid_thw"]), "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, **format_of(enc).collate(enc, ids, image_token_id),
+            "labels": labels}
 
 
 def grounding_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

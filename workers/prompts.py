@@ -1,10 +1,10 @@
 """Records → verification prompts → model inputs.
 
 One forward per record. Both tasks become one chat prompt per record. Task 1 lists the record's options in
-the assistant turn, each wrapped in Qwen's referring-expression tokens; each option's supervised position is
-its closing token. Task 2 has one supervised position, the last prompt token. At each supervised position the
-next-token distribution is read at the label words ("yes"/"no"); P(positive) is the softmax over those two
-logits. No gold label ever appears in the input, so one option's label cannot leak into another's decision.
+the assistant turn, each wrapped in Qwen's referring-expression tokens (in every family: the tiny levels'
+tokenizer has them); each option's supervised position is its closing token. Task 2 has one supervised
+position, the last prompt token. At each supervised position the next-token distribution is read at the label
+words ("yes"/"no"); P(positive) is the softmax over those two logits. No gold label ever appears in the input, so one option's label cannot leak into another's decision.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from workers.data import load_rgb
+from workers.families.formats import format_of, object_array
 
 FACTUALITY_QUESTION = "Is the claim true?"
 
@@ -48,8 +49,9 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     closing token, else the last token) and their targets.
 
     Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
-    `input_ids`, `positions`, `targets` and per-image `pixel_values` are object arrays. A unit with
-    `image_array` (an augmented image in memory, uint8 HxWx3) uses it instead of reading `image`.
+    `input_ids`, `positions`, `targets` and per-row image arrays (the processor's image format,
+    `workers.families.formats`) are object arrays. A unit with `image_array` (an augmented image in memory,
+    uint8 HxWx3) uses it instead of reading `image`.
     """
     rows = _as_rows(units)
     images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
@@ -58,6 +60,9 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
         add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
     enc = processor(text=texts, images=images, padding=False, return_tensors=None)
     close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
+    if close_id in (None, processor.tokenizer.unk_token_id) and any(r["answer"] for r in rows):
+        raise ValueError(f"the option marker {OPTION_CLOSE} is not a token of this tokenizer: Task 1 records need "
+                         f"{OPTION_OPEN} and {OPTION_CLOSE} as special tokens (docs/real-models.md)")
     ids = [np.asarray(i, dtype=np.int64) for i in enc["input_ids"]]
     positions = []
     for r, seq in zip(rows, ids):
@@ -66,15 +71,12 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
             raise ValueError(f"record {r['uid']}: {len(r['targets'])} answers expected, {len(pos)} answer "
                              f"positions found (does a text field contain {OPTION_CLOSE}?)")
         positions.append(pos.astype(np.int64))
-    pixels = np.asarray(enc["pixel_values"], dtype=np.float16)  # half the bytes in the object store
-    grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(len(rows), 3)
     out = {k: np.array([r[k] for r in rows]) for k in ("uid", "record_id", "task")}
-    out["input_ids"] = _object_array(ids)
-    out["positions"] = _object_array(positions)
-    out["targets"] = _object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
-    out["pixel_values"] = _object_array(np.split(pixels, np.cumsum(grids.prod(axis=1))[:-1]))
-    out["image_grid_thw"] = grids
-    return out
+    out["input_ids"] = object_array(ids)
+    out["positions"] = object_array(positions)
+    out["targets"] = object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
+    # fp16 pixels: half the bytes in the object store
+    return {**out, **format_of(enc).rows(enc, len(rows), np.float16)}
 
 
 def _as_rows(units: dict[str, np.ndarray] | list[dict]) -> list[dict]:
@@ -82,12 +84,6 @@ def _as_rows(units: dict[str, np.ndarray] | list[dict]) -> list[dict]:
         return units
     n = len(next(iter(units.values())))
     return [{k: v[i] for k, v in units.items()} for i in range(n)]
-
-
-def _object_array(items: list[np.ndarray]) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
 
 
 def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict:
@@ -105,13 +101,10 @@ def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: i
         rows += [i] * len(pos)
         cols += (np.asarray(pos) + width - len(s)).tolist()
         slots += list(range(len(pos)))
-    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "mm_token_type_ids": (ids == image_token_id).int(),
-        "pixel_values": pixels,
-        "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long),
+        **format_of(batch).collate(batch, ids, image_token_id),
         "positions": torch.as_tensor(np.stack([rows, cols], axis=1).reshape(-1, 2), dtype=torch.long),
         "target": torch.as_tensor(np.concatenate([np.asarray(t, dtype=np.int64) for t in batch["targets"]])),
         "slot": torch.as_tensor(slots, dtype=torch.long),
@@ -122,12 +115,9 @@ def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: i
 
 
 def select_rows(batch: dict, rows: list[int]) -> dict:
-    """The model inputs and supervised positions of some rows (ascending) of a collated batch: each row's image
-    patches follow it, the padded width stays (so position columns stay valid) and `positions` is re-indexed
-    to the selected rows, in the batch's order."""
-    patches = batch["image_grid_thw"].prod(dim=1)
-    starts = torch.cumsum(patches, 0) - patches
-    pixels = torch.cat([batch["pixel_values"][starts[i]:starts[i] + patches[i]] for i in rows])
+    """The model inputs and supervised positions of some rows (ascending) of a collated batch: each row's images
+    follow it, the padded width stays (so position columns stay valid) and `positions` is re-indexed to the
+    selected rows, in the batch's order."""
     index = torch.as_tensor(rows, dtype=torch.long)
     new_row = torch.full((len(batch["input_ids"]),), -1, dtype=torch.long, device=index.device)
     new_row[index] = torch.arange(len(rows), device=index.device)
@@ -135,11 +125,9 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
     kept = new_row.to(positions.device)[positions[:, 0]]
     positions = torch.stack([kept, positions[:, 1]], dim=1)[kept >= 0]
     return {"input_ids": batch["input_ids"][index], "attention_mask": batch["attention_mask"][index],
-            "mm_token_type_ids": batch["mm_token_type_ids"][index], "pixel_values": pixels,
-            "image_grid_thw": batch["image_grid_thw"][index], "positions": positions}
+            **format_of(batch).select(batch, rows), "positions": positions}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The subset of a collated batch that the model's forward takes."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: batch[k] for k in keys}
+    """The subset of a collated batch that the model's forward takes (its image format's keys)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", *format_of(batch).model_keys)}

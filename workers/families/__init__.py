@@ -2,9 +2,9 @@
 
 A level's family is its model dir's `config.json` `model_type` (a real checkpoint or a built tiny level), or
 the `family:` key of a tiny level's config. Everything else (Ray stages, teachers, losses, cache, calibration,
-reports) is family-agnostic. The two Qwen-VL families share one input format (`workers.prompts`: token ids,
-flattened image patches with their grid, `mm_token_type_ids`), so they differ here only in config, model and
-processor classes.
+reports) is family-agnostic. Prompts and supervised positions are the same in every family (`workers.prompts`);
+how images reach the model is one of two formats (`workers.families.formats`): the Qwen-VL families' flattened
+patches with their grid, or Idefics3's per-image pixel tensors with a pixel mask.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from workers.families import qwen2_5_vl, qwen3_vl
+from workers.families import idefics3, qwen2_5_vl, qwen3_vl
 from workers.shapes import LevelShape
 
 
@@ -26,7 +26,7 @@ class Family:
 
     name: str  # its Hugging Face `model_type`, and the tiny level's `family:` value
     model_class: type[PreTrainedModel]
-    processor_class: type[ProcessorMixin]  # without a video processor (those need torchvision)
+    processor_class: type[ProcessorMixin]  # one without a video processor (those need torchvision)
     build_config: Callable[[LevelShape, PreTrainedTokenizerFast], PretrainedConfig]
     build_processor: Callable[[PreTrainedTokenizerFast, int, str], ProcessorMixin]  # tokenizer, image px, template
 
@@ -34,6 +34,7 @@ class Family:
 FAMILIES = {f.name: f for f in (
     Family("qwen2_5_vl", qwen2_5_vl.MODEL, qwen2_5_vl.HKDProcessor, qwen2_5_vl.build_config, qwen2_5_vl.build_processor),
     Family("qwen3_vl", qwen3_vl.MODEL, qwen3_vl.HKDQwen3VLProcessor, qwen3_vl.build_config, qwen3_vl.build_processor),
+    Family("idefics3", idefics3.MODEL, idefics3.PROCESSOR, idefics3.build_config, idefics3.build_processor),
 )}
 
 

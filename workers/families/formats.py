@@ -1,0 +1,109 @@
+"""How a family's images reach its model: the per-row image columns `workers.prompts.encode_records` stores,
+their batch, and the batch of a subset of rows.
+
+Two formats: Qwen-VL's (`PATCHES`: every image's flattened patches concatenated over the batch, located by
+their (t, h, w) grid, plus `mm_token_type_ids`) and per-image pixel tensors (`PIXELS`: [B, n_images, 3, H, W]
+with a pixel mask, Idefics3 and SmolVLM). Each format has a column only it has (`marker`), so encoded columns,
+collated batches and a teacher's wire inputs say which format they are: callers that hold only a batch (the
+teacher, row selection for a teacher resend) need no family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One image input format: `rows` splits a processor's image output into per-row arrays (pixels cast to
+    `dtype`), `collate` batches those (given the batch's padded token ids and the image token id), `select`
+    takes some rows (ascending) of a collated batch; `model_keys` are its forward inputs besides the text's."""
+
+    marker: str
+    model_keys: tuple[str, ...]
+    rows: Callable[[Mapping, int, type], dict[str, np.ndarray]]
+    collate: Callable[[Mapping, torch.Tensor, int], dict[str, torch.Tensor]]
+    select: Callable[[dict, list[int]], dict[str, torch.Tensor]]
+
+
+def object_array(items: list[np.ndarray]) -> np.ndarray:
+    """A column of variable-shape arrays (one per row)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def _patch_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
+    pixels = np.asarray(enc["pixel_values"], dtype=dtype)
+    grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(n, 3)
+    return {"pixel_values": object_array(np.split(pixels, np.cumsum(grids.prod(axis=1))[:-1])),
+            "image_grid_thw": grids}
+
+
+def _collate_patches(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
+    return {"mm_token_type_ids": (ids == image_token_id).int(), "pixel_values": pixels,
+            "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long)}
+
+
+def _select_patches(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+    """Each row's patches follow it: they are cut out of the concatenation by the grids."""
+    patches = batch["image_grid_thw"].prod(dim=1)
+    starts = torch.cumsum(patches, 0) - patches
+    pixels = torch.cat([batch["pixel_values"][starts[i]:starts[i] + patches[i]] for i in rows])
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return {"mm_token_type_ids": batch["mm_token_type_ids"][index], "pixel_values": pixels,
+            "image_grid_thw": batch["image_grid_thw"][index]}
+
+
+PATCHES = ImageFormat("image_grid_thw", ("mm_token_type_ids", "pixel_values", "image_grid_thw"),
+                      _patch_rows, _collate_patches, _select_patches)
+
+
+def _pixel_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
+    """The processor pads every row to the batch's most images with all-zero, fully masked images: a row keeps
+    only its own (those with any unmasked pixel)."""
+    pixels = np.asarray(enc["pixel_values"], dtype=dtype)
+    masks = np.asarray(enc["pixel_attention_mask"]).astype(bool)
+    real = masks.any(axis=(2, 3))
+    return {"pixel_values": object_array([p[r] for p, r in zip(pixels, real)]),
+            "pixel_attention_mask": object_array([m[r] for m, r in zip(masks, real)])}
+
+
+def _pad_images(rows: list[np.ndarray], dtype: type) -> torch.Tensor:
+    """Stack per-row image stacks, padding each to the batch's most images with zeros (the model skips
+    all-zero images, as it does the processor's padding)."""
+    most = max(len(r) for r in rows)
+    out = np.zeros((len(rows), most, *np.asarray(rows[0]).shape[1:]), dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def _collate_pixels(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    return {"pixel_values": _pad_images(list(batch["pixel_values"]), np.float32),
+            "pixel_attention_mask": _pad_images(list(batch["pixel_attention_mask"]), np.bool_)}
+
+
+def _select_pixels(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return {k: batch[k][index] for k in ("pixel_values", "pixel_attention_mask")}
+
+
+PIXELS = ImageFormat("pixel_attention_mask", ("pixel_values", "pixel_attention_mask"),
+                     _pixel_rows, _collate_pixels, _select_pixels)
+
+FORMATS = (PATCHES, PIXELS)
+
+
+def format_of(data: Mapping) -> ImageFormat:
+    """The format of a processor output, encoded column batch, collated batch or wire dict, by its marker."""
+    for fmt in FORMATS:
+        if fmt.marker in data:
+            return fmt
+    raise KeyError(f"no image inputs of a known format (columns: {', '.join(data)}; one of "
+                   f"{', '.join(f.marker for f in FORMATS)} expected)")
