@@ -1,4 +1,4 @@
-"""`hkd plan` on the real Qwen2.5-VL config with no weights: meta-device models from mirrored config.json
+"""`hkd plan` on the real Qwen2.5-VL and Qwen3-VL configs with no weights: meta-device models from mirrored config.json
 files, one shared tokenizer across padded vocabularies, memory per GPU share, placement against cluster.yaml."""
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ def test_qwen_pyramid_plan_fits():
     lora = by_process["train M+PPOD"]
     assert 0 < lora["trainable"] < 0.01 * lora["params"]  # LoRA r=16 on q,k,v,o
     assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
+
+
+def test_qwen3_vl_pyramid_plan_fits():
+    """32B → 8B → 2B from the mirrored Qwen3-VL configs: Hugging Face's published sizes, one tokenizer."""
+    rows, problems = plan_run(load_config(ROOT / "configs" / "qwen3_vl.yaml"), ROOT / "configs" / "qwen3_vl",
+                              ROOT / "cluster.yaml")
+    assert problems == []
+    by_process = {r["process"].split(" ×")[0]: r for r in rows}
+    for process, published in (("train L-direct", 33.4e9), ("train M+PPOD", 8.77e9), ("train S-direct", 2.13e9)):
+        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
+    assert {r["rows"] for r in rows} == {151_936}
+    assert by_process["teacher L"]["need_gb"] <= by_process["teacher L"]["limit_gb"]
 
 
 def test_plan_names_what_does_not_fit(tmp_path, capsys):
