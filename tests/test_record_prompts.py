@@ -4,8 +4,12 @@ and no label reaches the input."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import Idefics3Processor, PreTrainedTokenizerFast
 
+from workers.families.idefics3 import image_processor
 from workers.models import label_word_ids, load_model_dir
 from workers.inference import position_logits
 from workers.prompts import OPTION_CLOSE, collate_records, encode_records, record_units
@@ -53,3 +57,19 @@ def test_position_logits_equal_the_full_forward_at_each_position_under_left_padd
     label_ids = label_word_ids(processor.tokenizer)
     assert batch["target"].tolist() == [int(t) for ts in enc["targets"] for t in ts]
     assert picked[:, list(label_ids)].isfinite().all()
+
+
+def test_task_1_refused_naming_the_marker_when_the_tokenizer_lacks_it(records):
+    """A real checkpoint's tokenizer without the option markers (Idefics3's, SmolVLM's) gets a clear refusal for
+    Task 1, not a count mismatch; Task 2 needs no marker."""
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="<|endoftext|>")
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    processor = Idefics3Processor(image_processor=image_processor(56), tokenizer=tok, image_seq_len=4,
+                                  chat_template=template)
+    claim = next(r for r in records if r["task"] == "factuality")
+    assert len(encode_records(record_units([claim]), processor)["positions"][0]) == 1
+    with pytest.raises(ValueError, match="the option marker <\\|object_ref_end\\|> is not a token of this tokenizer"):
+        encode_records(record_units([next(r for r in records if r["task"] == "hallucination")]), processor)
