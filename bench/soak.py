@@ -1,8 +1,8 @@
 """Soak: a distillation pipeline under repeated real faults, against the same pipeline without them.
 
 Runs the config once fault-free, then again while a background injector SIGKILLs, every `--every` logged
-training steps, a teacher replica and a Ray Train worker in turn (a worker at most `MAX_FAILURES` times per
-stage, the retries a stage has; a stage without teachers only loses workers). Injection stops after
+training steps, a teacher replica and a Ray Train worker in turn (a worker at most `resources.max_failures` times
+per stage, the retries a stage has; a stage without teachers only loses workers). Injection stops after
 `--minutes`; the run then finishes. Teachers may restart without limit here (`teachers.max_restarts: 1000`),
 since every kill costs one restart. Prints the faults injected, the stages completed, and per stage the
 final test macro-F1 and last training loss of both runs with their difference.
@@ -26,7 +26,7 @@ import ray
 from orchestrator import faults
 from orchestrator.config import load_config
 from orchestrator.pipeline import _pool_name, run
-from orchestrator.stages import MAX_FAILURES, StagePlan, plan_stages
+from orchestrator.stages import StagePlan, plan_stages
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 CONFIG = """
@@ -47,9 +47,10 @@ resources: {{num_workers: 1, cpus_per_worker: 1}}
 class Injector(threading.Thread):
     """Kills a teacher replica or a train worker of the running stage every `every` logged steps."""
 
-    def __init__(self, run_dir: Path, plans: list[StagePlan], every: int, deadline: float):
+    def __init__(self, run_dir: Path, plans: list[StagePlan], every: int, deadline: float, max_failures: int):
         super().__init__(daemon=True)
         self.run_dir, self.plans, self.every, self.deadline = run_dir, plans, every, deadline
+        self.max_failures = max_failures
         self.uri = f"sqlite:///{run_dir.parent}/mlflow.db"
         self.events: list[dict] = []
         self.stop = threading.Event()
@@ -85,7 +86,7 @@ class Injector(threading.Thread):
         try:
             if kind == "teacher" and plan.teachers:
                 return faults.kill_teacher(_pool_name(self.run_dir, plan.teachers[0]["stage"]))
-            if kind == "worker" and worker_kills[plan.name] < MAX_FAILURES:
+            if kind == "worker" and worker_kills[plan.name] < self.max_failures:
                 pid = faults.kill_train_worker()
                 worker_kills[plan.name] += bool(pid)
                 return pid
@@ -126,7 +127,8 @@ def main() -> None:
     run(cfg, work / "clean" / "soak", log=lambda *_: None)
     clean_s = time.time() - start
     faulty_dir = work / "faulty" / "soak"
-    injector = Injector(faulty_dir, plan_stages(cfg), args.every, time.time() + 60 * args.minutes)
+    injector = Injector(faulty_dir, plan_stages(cfg), args.every, time.time() + 60 * args.minutes,
+                        cfg.resources.max_failures)
     injector.start()
     start = time.time()
     run(cfg, faulty_dir, log=lambda *_: None)

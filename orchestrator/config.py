@@ -256,6 +256,9 @@ class Resources(Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1, gt=0)
     ray_address: str | None = None
+    max_failures: int = Field(2, ge=0, description="worker-process failures a stage survives (Ray Train's "
+                              "FailureConfig.max_failures), each attempt resuming from the stage's latest "
+                              "checkpoint; 0: the first failure ends the run")
     dashboard: bool = Field(True, description="start the local Ray with its dashboard (URL printed at start); "
                                               "false: no dashboard, hkd cleans up orphaned worker groups itself")
 

@@ -28,8 +28,6 @@ from workers.synth import SynthSpec
 if TYPE_CHECKING:  # model code is imported where it is used: a sweep trial's process never needs it
     from transformers import ProcessorMixin
 
-MAX_FAILURES = 2  # worker-process failures a stage survives, each resuming from its latest checkpoint
-
 
 def fit_stage(name: str, job: StageJob, train_sets: dict[str, ray.data.Dataset], val_ds: ray.data.Dataset,
               res: Resources, storage: Path, placement: Placement | None = None,
@@ -85,7 +83,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
         run_config=TrainRunConfig(
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=MAX_FAILURES), callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=res.max_failures), callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=_to_split(datasets),
@@ -94,7 +92,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise StageError(f"stage {name} failed after {MAX_FAILURES} retries: {root_cause(err)}") from err
+        raise StageError(f"stage {name} failed after {res.max_failures} retries: {root_cause(err)}") from err
     if result.error:
         raise StageError(f"stage {name} failed: {root_cause(result.error)}") from result.error
     return result.return_value or {}

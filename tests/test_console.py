@@ -89,19 +89,22 @@ def test_verbose_rerun_without_dashboard(method_run):
 
 def test_broken_stage_shows_root_cause_and_log_path(method_run):
     """A stage whose model weights are corrupt fails inside the Ray Train worker: the console names the cause
-    and the log, without Ray's tracebacks."""
+    and the log, without Ray's tracebacks. No retry (`resources.max_failures=0`): each would fail the same way."""
     tmp = method_run["tmp"]
     run_dir = tmp / "broken" / "broken"  # its own MLflow store: the shared run's has one parent run "method"
     shutil.copytree(method_run["run_dir"] / "models" / "init", run_dir / "models" / "init")
     (run_dir / "models" / "init" / "L" / "model.safetensors").write_bytes(b"not a safetensors file")
-    rc, lines = hkd_cli(["run", str(method_run["config"]), "--run-dir", str(run_dir)], tmp)
+    rc, lines = hkd_cli(["run", str(method_run["config"]), "--run-dir", str(run_dir),
+                         "--set", "resources.max_failures=0"], tmp)
     text = "\n".join(lines)
     assert rc == 1, text[-3000:]
     assert len(lines) <= 40 and "Traceback" not in text, text
     error = [line for line in lines if line.startswith("hkd: error:")]
     assert error and "L-direct" in error[0] and re.search(r"safetensor|header|deserializ", error[0], re.I), text
     assert f"{run_dir.resolve() / 'logs' / 'hkd.log'}" in text or f"{run_dir / 'logs' / 'hkd.log'}" in text
-    assert "Traceback" in (run_dir / "logs" / "hkd.log").read_text()
+    log = (run_dir / "logs" / "hkd.log").read_text()
+    assert "Traceback" in log
+    assert "failed after 0 retries" in error[0] and "[FailurePolicy] RETRY" not in log  # Ray Train got the 0
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
