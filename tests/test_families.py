@@ -98,14 +98,15 @@ def test_grounding_batches_of_each_family_train(level):
     model.zero_grad(set_to_none=True)
 
 
-@pytest.fixture()
-def fresh_ray():
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray for both families' runs (the first run starts it; `hkd run` joins a running one)."""
     yield
     ray.shutdown()
 
 
 @pytest.mark.parametrize("family", list(MODEL_CLASS))
-def test_pyramid_direct_then_distilled_then_evaluate_and_predict(family, tmp_path, capsys, fresh_ray):
+def test_pyramid_direct_then_distilled_then_evaluate_and_predict(family, tmp_path, capsys, shared_ray):
     config = tmp_path / f"{family}.yaml"
     config.write_text(f"""
 name: {family}
