@@ -1,6 +1,7 @@
-"""Model families (`workers.families`): tiny Qwen3-VL and Idefics3 pyramids run the same path as Qwen2.5-VL
-(build offline, load, encode, forward, Ray Train direct tuning and distillation with a teacher actor, `hkd
-evaluate`, `hkd predict`); levels of different families in one run are refused before any work."""
+"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3 and Gemma 3 levels build offline, load, encode,
+score and train a grounding batch as Qwen2.5-VL's do; tiny Qwen3-VL and Idefics3 pyramids also run the Ray path
+(direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd predict`; Gemma 3's is not run, for
+the suite's time); levels of different families in one run are refused before any work."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def tiny(family: str) -> str:
 
 
 TINY = tiny("qwen3_vl")
-MODEL_CLASS = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
+MODEL_CLASS = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "gemma3": "Gemma3ForConditionalGeneration"}
+PYRAMID_FAMILIES = ["qwen3_vl", "idefics3"]  # Gemma 3's Ray run is left out: the suite is at its time limit
 
 
 def test_family_names_are_the_adapters():
@@ -64,11 +67,16 @@ def test_tiny_level_builds_loads_and_scores_each_option(level):
     logits = position_logits(model, batch)
     assert logits.shape == (len(batch["target"]), len(processor.tokenizer)) and torch.isfinite(logits).all()
     # Qwen3-VL: 16-pixel patches merged 2 x 2, a 56-pixel image resized to 64; Idefics3: 14-pixel patches
-    # shuffled 2 x 2, 56 pixels as they are. Both give 4 image tokens.
+    # shuffled 2 x 2, 56 pixels as they are; Gemma 3: resized to its tower's 112 pixels, 8 x 8 patches of 14
+    # pooled 4 x 4. All give 4 image tokens.
     assert (batch["input_ids"][0] == model.config.image_token_id).sum() == 4
     if family == "idefics3":
         assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"}
         assert batch["pixel_values"].shape == (len(units), 1, 3, 56, 56) and batch["pixel_attention_mask"].all()
+    if family == "gemma3":
+        assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
+        assert batch["pixel_values"].shape == (len(units), 3, 112, 112)
+        assert torch.equal(batch["token_type_ids"].bool(), batch["input_ids"] == model.config.image_token_id)
 
 
 def test_select_rows_match_those_rows_collated_alone(level):
@@ -79,12 +87,11 @@ def test_select_rows_match_those_rows_collated_alone(level):
     batch, rows = _collate(enc, processor, model), [1, 2, len(units) - 1]
     part = select_rows(batch, rows)
     alone = _collate({k: v[rows] for k, v in enc.items()}, processor, model)
-    keys = set(model_inputs(batch)) - {"input_ids", "attention_mask", "mm_token_type_ids"}
-    for key in keys:
-        assert torch.equal(part[key], alone[key]), key
     shift = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
+    per_token = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
+    for key in model_inputs(batch):
+        assert torch.equal(part[key][:, shift:] if key in per_token else part[key], alone[key]), key
     assert torch.equal(part["positions"], alone["positions"] + torch.tensor([0, shift]))
-    assert torch.equal(part["input_ids"][:, shift:], alone["input_ids"])
 
 
 def test_grounding_batches_of_each_family_train(level):
@@ -105,7 +112,7 @@ def shared_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("family", list(MODEL_CLASS))
+@pytest.mark.parametrize("family", PYRAMID_FAMILIES)
 def test_pyramid_direct_then_distilled_then_evaluate_and_predict(family, tmp_path, capsys, shared_ray):
     config = tmp_path / f"{family}.yaml"
     config.write_text(f"""
@@ -158,7 +165,7 @@ resources: {{num_workers: 1, cpus_per_worker: 1}}
 
 def test_unknown_family_refused_with_key_path(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("levels: {S: {family: gemma3}}\n")
+    config.write_text("levels: {S: {family: llava}}\n")
     assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "levels.S.family" in err and "qwen3_vl" in err
@@ -176,7 +183,7 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
                     "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
     assert (f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl, "
-            "idefics3)") in capsys.readouterr().err
+            "idefics3, gemma3)") in capsys.readouterr().err
 
 
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):

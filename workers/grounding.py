@@ -27,7 +27,7 @@ def encode_scenes(scenes: list[dict], processor: ProcessorMixin) -> dict[str, np
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": GROUNDING_PROMPT}]}],
         add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[prompt] * len(scenes), images=[synth.render(s) for s in scenes], padding=False,
+    enc = processor(text=[prompt] * len(scenes), images=[[synth.render(s)] for s in scenes], padding=False,
                     return_tensors=None)
     ids, labels = [], []
     for prompt_ids, scene in zip(enc["input_ids"], scenes):

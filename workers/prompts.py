@@ -58,7 +58,8 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
         add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
-    enc = processor(text=texts, images=images, padding=False, return_tensors=None)
+    # one image list per prompt: Gemma 3's processor reads a flat list as one prompt's images
+    enc = processor(text=texts, images=[[im] for im in images], padding=False, return_tensors=None)
     close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
     if close_id in (None, processor.tokenizer.unk_token_id) and any(r["answer"] for r in rows):
         raise ValueError(f"the option marker {OPTION_CLOSE} is not a token of this tokenizer: Task 1 records need "

@@ -1,9 +1,10 @@
 """How a family's images reach its model: the per-row image columns `workers.prompts.encode_records` stores,
 their batch, and the batch of a subset of rows.
 
-Two formats: Qwen-VL's (`PATCHES`: every image's flattened patches concatenated over the batch, located by
-their (t, h, w) grid, plus `mm_token_type_ids`) and per-image pixel tensors (`PIXELS`: [B, n_images, 3, H, W]
-with a pixel mask, Idefics3 and SmolVLM). Each format has a column only it has (`marker`), so encoded columns,
+Three formats: Qwen-VL's (`PATCHES`: every image's flattened patches concatenated over the batch, located by
+their (t, h, w) grid, plus `mm_token_type_ids`), per-image pixel tensors (`PIXELS`: [B, n_images, 3, H, W]
+with a pixel mask, Idefics3 and SmolVLM) and Gemma 3's fixed-size images (`IMAGES`: [B * n_images, 3, H, W],
+plus `token_type_ids`). Each format has a column only it has (`marker`), so encoded columns,
 collated batches and a teacher's wire inputs say which format they are: callers that hold only a batch (the
 teacher, row selection for a teacher resend) need no family.
 """
@@ -97,7 +98,32 @@ def _select_pixels(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
 PIXELS = ImageFormat("pixel_attention_mask", ("pixel_values", "pixel_attention_mask"),
                      _pixel_rows, _collate_pixels, _select_pixels)
 
-FORMATS = (PATCHES, PIXELS)
+def _image_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
+    """Every row has as many images (one here), so the batch's image stack splits evenly. The processor's
+    `token_type_ids` stay per row as the format's marker: `collate` marks the padded ids afresh, since a
+    grounding row goes on past its prompt."""
+    pixels = np.asarray(enc["pixel_values"], dtype=dtype)
+    return {"pixel_values": object_array(np.split(pixels, n)),
+            "token_type_ids": object_array([np.asarray(t, dtype=np.int8) for t in enc["token_type_ids"]])}
+
+
+def _collate_images(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Gemma 3 attends bidirectionally within an image's tokens where `token_type_ids` is 1."""
+    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
+    return {"token_type_ids": (ids == image_token_id).long(), "pixel_values": pixels}
+
+
+def _select_images(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+    index = torch.as_tensor(rows, dtype=torch.long)
+    types = batch["token_type_ids"]
+    per_row = batch["pixel_values"].unflatten(0, (len(types), -1))
+    return {"token_type_ids": types[index], "pixel_values": per_row[index].flatten(0, 1)}
+
+
+IMAGES = ImageFormat("token_type_ids", ("token_type_ids", "pixel_values"), _image_rows, _collate_images,
+                     _select_images)
+
+FORMATS = (PATCHES, PIXELS, IMAGES)
 
 
 def format_of(data: Mapping) -> ImageFormat:

@@ -15,7 +15,7 @@ from tokenizers import AddedToken
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, PreTrainedTokenizerFast
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-from workers.families.qwen2_5_vl import init_std, special_ids
+from workers.families.qwen2_5_vl import decoder_config, special_ids
 from workers.shapes import LevelShape
 
 MODEL = Idefics3ForConditionalGeneration
@@ -28,12 +28,17 @@ IMAGE_TOKEN, AROUND_IMAGE, GLOBAL_IMAGE, END_OF_UTTERANCE = (
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # what the shared chat template writes for an image
 
 
-def with_image_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """A copy of the shared tokenizer with Idefics3's image tokens appended as special tokens (idempotent, so
-    every level of a run gets the same ids) and `<image>` as its image token."""
+def appended(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """A copy of the shared tokenizer with a family's image tokens appended as special tokens (idempotent, so
+    every level of a run gets the same ids; the Qwen levels' ids stay as they are)."""
     tok = copy.deepcopy(tokenizer)
-    tok.add_tokens([AddedToken(t, normalized=False, special=True)
-                    for t in (IMAGE_TOKEN, AROUND_IMAGE, GLOBAL_IMAGE, END_OF_UTTERANCE)], special_tokens=True)
+    tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in tokens], special_tokens=True)
+    return tok
+
+
+def with_image_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The shared tokenizer with Idefics3's image tokens, `<image>` as its image token."""
+    tok = appended(tokenizer, (IMAGE_TOKEN, AROUND_IMAGE, GLOBAL_IMAGE, END_OF_UTTERANCE))
     tok.image_token = IMAGE_TOKEN
     return tok
 
@@ -60,25 +65,21 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, chat_te
 
 def text_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
     """A Llama decoder over the shared tokenizer plus the image tokens, initialised as the Qwen levels'."""
-    ids = special_ids(tokenizer)
-    return dict(
-        model_type="llama", vocab_size=len(with_image_tokens(tokenizer)), hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], initializer_range=init_std(shape),
-        tie_word_embeddings=False,
-    )
+    return dict(decoder_config(shape, with_image_tokens(tokenizer)), model_type="llama", tie_word_embeddings=False)
 
 
-def vision_config(shape: LevelShape) -> dict:
+def siglip_config(shape: LevelShape, image_size: int) -> dict:
+    """A SigLIP-style vision tower of 14-px patches (Idefics3's and Gemma 3's) with learned positions for
+    `image_size` pixels."""
     return dict(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
                 num_hidden_layers=shape.vision_depth, num_attention_heads=shape.vision_heads,
-                image_size=POSITION_GRID * PATCH, patch_size=PATCH, initializer_range=shape.vision_hidden ** -0.5)
+                image_size=image_size, patch_size=PATCH, initializer_range=shape.vision_hidden ** -0.5)
 
 
 def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Idefics3Config:
     """An Idefics3 config of the given shape over the shared tokenizer."""
     image_token_id = with_image_tokens(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
-    return Idefics3Config(text_config=text_config(shape, tokenizer), vision_config=vision_config(shape),
+    return Idefics3Config(text_config=text_config(shape, tokenizer),
+                          vision_config=siglip_config(shape, POSITION_GRID * PATCH),
                           scale_factor=SCALE, image_token_id=image_token_id, tie_word_embeddings=False,
                           pad_token_id=special_ids(tokenizer)["<|endoftext|>"])

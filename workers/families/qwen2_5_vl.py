@@ -54,18 +54,23 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def text_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
-    """The text decoder of a tiny Qwen-VL level (both Qwen-VL families)."""
-    head_dim = shape.hidden // shape.heads
+def decoder_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The text decoder fields every family's tiny level shares: its shape, the tokenizer's size (a family's
+    own image tokens included) and special ids, the init std."""
     ids = special_ids(tokenizer)
     return dict(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"], initializer_range=init_std(shape),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": mrope_section(head_dim)},
     )
+
+
+def text_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The text decoder of a tiny Qwen-VL level (both Qwen-VL families)."""
+    head_dim = shape.hidden // shape.heads
+    return dict(decoder_config(shape, tokenizer), rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)})
 
 
 def vision_config(shape: LevelShape, patch_size: int) -> dict:
