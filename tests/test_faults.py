@@ -275,7 +275,8 @@ def _fill(path: Path) -> None:
 
 def test_storage_full_mid_stage_fails_clearly(config, reference, tmp_path, small_fs, capsys):
     """The models dir's filesystem fills while S+PPOD trains: its model cannot be saved. The run stops with
-    one clear line and exit code 1, leaves no S+PPOD model dir or stage file, and L's model is intact."""
+    one clear line and exit code 1, leaves no S+PPOD model dir or stage file, and L's model is intact. No
+    retry (`resources.max_failures=0`): a retry resumes and fails on the same full disk."""
     run_dir = tmp_path / "faults"
     _copy_first_stage(reference, run_dir)
     shutil.copytree(run_dir / "models", small_fs, dirs_exist_ok=True)
@@ -287,7 +288,7 @@ def test_storage_full_mid_stage_fails_clearly(config, reference, tmp_path, small
         _fill(small_fs)
 
     thread = _in_background(fill_once_training)
-    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 1
+    assert main(["run", str(config), "--run-dir", str(run_dir), "--set", "resources.max_failures=0"]) == 1
     thread.join(1)
     # Ray forwards the workers' own tracebacks, each line prefixed with its process ("(TrainController pid=…)");
     # hkd itself prints one line and no traceback.
