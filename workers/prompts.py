@@ -4,7 +4,8 @@ One forward per record. Both tasks become one chat prompt per record. Task 1 lis
 the assistant turn, each wrapped in Qwen's referring-expression tokens (in every family: the tiny levels'
 tokenizer has them); each option's supervised position is its closing token. Task 2 has one supervised
 position, the last prompt token. At each supervised position the next-token distribution is read at the label
-words ("yes"/"no"); P(positive) is the softmax over those two logits. No gold label ever appears in the input, so one option's label cannot leak into another's decision.
+words ("yes"/"no"); P(positive) is the softmax over those two logits. No gold label ever appears in the input,
+so one option's label cannot leak into another's decision.
 """
 
 from __future__ import annotations
