@@ -22,7 +22,7 @@ from orchestrator.stages import StagePlan, plan_stages
 from workers import synth
 from workers.lora import add_lora
 from workers.families import FAMILIES, load_processor
-from workers.models import LevelShape, build_tokenizer, label_word_ids
+from workers.models import CHAT_TEMPLATE, LevelShape, build_tokenizer, label_word_ids
 
 ACTIVATION_SHARE = 0.15
 GB = 1e9
@@ -61,9 +61,11 @@ def plan_run(cfg: RunConfig, model_configs: Path | None = None,
 def _level(cfg: RunConfig, name: str, model_configs: Path | None) -> Level:
     lc = cfg.levels[name]
     if lc.path is None:
-        tokenizer = _tiny_tokenizer(cfg.vocab_size)
         shape = LevelShape(**lc.shape_fields())
-        config = FAMILIES[shape.family].build_config(shape, tokenizer)
+        family, shared = FAMILIES[shape.family], _tiny_tokenizer(cfg.vocab_size)
+        config = family.build_config(shape, shared)
+        # the level's own tokenizer: a family may append its image tokens to the shared one
+        tokenizer = family.build_processor(shared, cfg.data.synth.image_size, CHAT_TEMPLATE).tokenizer
         facts = (len(tokenizer), label_word_ids(tokenizer))
     else:
         config, facts = _hf_config(name, lc.path, model_configs)

@@ -1,7 +1,7 @@
-"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3 and Gemma 3 levels build offline, load, encode,
+"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3, SmolVLM and Gemma 3 levels build offline, load, encode,
 score and train a grounding batch as Qwen2.5-VL's do; tiny Qwen3-VL and Idefics3 pyramids also run the Ray path
-(direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd predict`; Gemma 3's is not run, for
-the suite's time); levels of different families in one run are refused before any work."""
+(direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd predict`; SmolVLM's and Gemma 3's
+are not run, for the suite's time); levels of different families in one run are refused before any work."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def tiny(family: str) -> str:
 
 TINY = tiny("qwen3_vl")
 MODEL_CLASS = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-               "gemma3": "Gemma3ForConditionalGeneration"}
-PYRAMID_FAMILIES = ["qwen3_vl", "idefics3"]  # Gemma 3's Ray run is left out: the suite is at its time limit
+               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
+# SmolVLM's and Gemma 3's Ray runs are left out: the suite is at its time limit (SmolVLM's inputs are Idefics3's)
+PYRAMID_FAMILIES = ["qwen3_vl", "idefics3"]
 
 
 def test_family_names_are_the_adapters():
@@ -66,11 +67,11 @@ def test_tiny_level_builds_loads_and_scores_each_option(level):
     assert len(batch["target"]) == sum(len(u["targets"]) for u in units)  # one position per option / claim
     logits = position_logits(model, batch)
     assert logits.shape == (len(batch["target"]), len(processor.tokenizer)) and torch.isfinite(logits).all()
-    # Qwen3-VL: 16-pixel patches merged 2 x 2, a 56-pixel image resized to 64; Idefics3: 14-pixel patches
-    # shuffled 2 x 2, 56 pixels as they are; Gemma 3: resized to its tower's 112 pixels, 8 x 8 patches of 14
+    # Qwen3-VL: 16-pixel patches merged 2 x 2, a 56-pixel image resized to 64; Idefics3 and SmolVLM: 14-pixel
+    # patches shuffled 2 x 2, 56 pixels as they are; Gemma 3: resized to its tower's 112 pixels, 8 x 8 patches of 14
     # pooled 4 x 4. All give 4 image tokens.
     assert (batch["input_ids"][0] == model.config.image_token_id).sum() == 4
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"}
         assert batch["pixel_values"].shape == (len(units), 1, 3, 56, 56) and batch["pixel_attention_mask"].all()
     if family == "gemma3":
@@ -183,7 +184,7 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
                     "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
     assert (f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl, "
-            "idefics3, gemma3)") in capsys.readouterr().err
+            "idefics3, smolvlm, gemma3)") in capsys.readouterr().err
 
 
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):

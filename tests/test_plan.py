@@ -47,6 +47,20 @@ def test_qwen3_vl_pyramid_plan_fits():
     assert by_process["teacher L"]["need_gb"] <= by_process["teacher L"]["limit_gb"]
 
 
+@pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3)])
+def test_tiny_level_planned_with_its_familys_own_tokenizer(family, appended):
+    """A family that appends its image tokens to the shared tokenizer is planned with them: the tokenizer check
+    compares what each level's processor will really hold."""
+    from orchestrator.plan import _level, _tiny_tokenizer
+
+    shape = "{family: %s, hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, " \
+            "vision_depth: 1, vision_heads: 2}" % family
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"levels={{S: {shape}}}", "direct.levels=[S]",
+                                                             "ppod.enabled=false", "tcrd.enabled=false"])
+    level = _level(cfg, "S", None)
+    assert level.tokenizer[0] == len(_tiny_tokenizer(cfg.vocab_size)) + appended <= level.rows
+
+
 def test_plan_names_what_does_not_fit(tmp_path, capsys):
     mirrors = tmp_path / "mirrors"
     shutil.copytree(MIRRORS, mirrors)

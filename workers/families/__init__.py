@@ -17,7 +17,7 @@ from typing import Callable
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from workers.families import gemma3, idefics3, qwen2_5_vl, qwen3_vl
+from workers.families import gemma3, idefics3, qwen2_5_vl, qwen3_vl, smolvlm
 from workers.shapes import LevelShape
 
 
@@ -36,6 +36,7 @@ FAMILIES = {f.name: f for f in (
     Family("qwen2_5_vl", qwen2_5_vl.MODEL, qwen2_5_vl.HKDProcessor, qwen2_5_vl.build_config, qwen2_5_vl.build_processor),
     Family("qwen3_vl", qwen3_vl.MODEL, qwen3_vl.HKDQwen3VLProcessor, qwen3_vl.build_config, qwen3_vl.build_processor),
     Family("idefics3", idefics3.MODEL, idefics3.PROCESSOR, idefics3.build_config, idefics3.build_processor),
+    Family("smolvlm", smolvlm.MODEL, smolvlm.HKDSmolVLMProcessor, smolvlm.build_config, smolvlm.build_processor),
     Family("gemma3", gemma3.MODEL, gemma3.PROCESSOR, gemma3.build_config, gemma3.build_processor),
 )}
 

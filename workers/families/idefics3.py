@@ -48,19 +48,24 @@ def side(image_size: int) -> int:
     return math.ceil(image_size / (SCALE * PATCH)) * SCALE * PATCH
 
 
-def image_processor(image_size: int) -> Idefics3ImageProcessorPil:
-    """Pillow image processor (no torchvision) pinned to one square, without tiling."""
+def image_processor(image_size: int, cls: type = Idefics3ImageProcessorPil) -> Idefics3ImageProcessorPil:
+    """Pillow image processor (no torchvision) pinned to one square, without tiling (SmolVLM's is the same)."""
     px = side(image_size)
-    return Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": px},
-                                     max_image_size={"longest_edge": px})
+    return cls(do_image_splitting=False, size={"longest_edge": px}, max_image_size={"longest_edge": px})
+
+
+def processor_parts(tokenizer: PreTrainedTokenizerFast, image_size: int, chat_template: str,
+                    image_processor_class: type = Idefics3ImageProcessorPil) -> dict:
+    """What an Idefics3-style processor is built from: the image processor, the tokenizer with the image
+    tokens, the image's token count, and the shared chat template with `<image>` as the image's placeholder."""
+    return dict(image_processor=image_processor(image_size, image_processor_class),
+                tokenizer=with_image_tokens(tokenizer), image_seq_len=(side(image_size) // PATCH // SCALE) ** 2,
+                chat_template=chat_template.replace(QWEN_IMAGE, IMAGE_TOKEN))
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, chat_template: str) -> Idefics3Processor:
-    """Idefics3's own processor (it has no video processor, so it builds without torchvision); the shared chat
-    template with Idefics3's `<image>` placeholder for the image."""
-    return Idefics3Processor(image_processor=image_processor(image_size), tokenizer=with_image_tokens(tokenizer),
-                             image_seq_len=(side(image_size) // PATCH // SCALE) ** 2,
-                             chat_template=chat_template.replace(QWEN_IMAGE, IMAGE_TOKEN))
+    """Idefics3's own processor: it has no video processor, so it builds without torchvision."""
+    return Idefics3Processor(**processor_parts(tokenizer, image_size, chat_template))
 
 
 def text_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
@@ -76,10 +81,12 @@ def siglip_config(shape: LevelShape, image_size: int) -> dict:
                 image_size=image_size, patch_size=PATCH, initializer_range=shape.vision_hidden ** -0.5)
 
 
+def config_fields(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """An Idefics3-style config's fields for the given shape over the shared tokenizer."""
+    return dict(text_config=text_config(shape, tokenizer), vision_config=siglip_config(shape, POSITION_GRID * PATCH),
+                scale_factor=SCALE, image_token_id=with_image_tokens(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN),
+                tie_word_embeddings=False, pad_token_id=special_ids(tokenizer)["<|endoftext|>"])
+
+
 def build_config(shape: LevelShape, tokenizer: PreTrainedTokenizerFast) -> Idefics3Config:
-    """An Idefics3 config of the given shape over the shared tokenizer."""
-    image_token_id = with_image_tokens(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
-    return Idefics3Config(text_config=text_config(shape, tokenizer),
-                          vision_config=siglip_config(shape, POSITION_GRID * PATCH),
-                          scale_factor=SCALE, image_token_id=image_token_id, tie_word_embeddings=False,
-                          pad_token_id=special_ids(tokenizer)["<|endoftext|>"])
+    return Idefics3Config(**config_fields(shape, tokenizer))
