@@ -88,7 +88,8 @@ def registered_checkpoint(storage: Path, stage: str) -> tuple[int, str | None]:
     (`checkpoint_manager_snapshot.json` in the stage's storage dir). A checkpoint that hkd has logged `val/*` for,
     and that sits complete in the storage dir, may not be registered yet: `ray.train.report` returns once the
     checkpoint is uploaded and the report queued, and the controller registers it only when it next polls the
-    worker (every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: `orchestrator.trainer.POLL_INTERVAL_S`); a worker killed before that poll loses it."""
+    worker (every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: `orchestrator.trainer.POLL_INTERVAL_S`); a worker killed
+    before that poll loses it."""
     snapshot = storage / stage / "checkpoint_manager_snapshot.json"
     for _ in range(50):
         try:
