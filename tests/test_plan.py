@@ -47,6 +47,19 @@ def test_qwen3_vl_pyramid_plan_fits():
     assert by_process["teacher L"]["need_gb"] <= by_process["teacher L"]["limit_gb"]
 
 
+def test_gemma3_pyramid_plan_fits():
+    """27B → 12B → 4B from the mirrored Gemma 3 configs (configs/gemma3/SOURCES.md): the published sizes, one
+    tokenizer of 262,145 tokens in 262,208 embedding rows."""
+    rows, problems = plan_run(load_config(ROOT / "configs" / "gemma3.yaml"), ROOT / "configs" / "gemma3",
+                              ROOT / "cluster.yaml")
+    assert problems == []
+    by_process = {r["process"].split(" ×")[0]: r for r in rows}
+    for process, published in (("train L-direct", 27.4e9), ("train M+PPOD", 12.2e9), ("train S-direct", 4.3e9)):
+        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
+    assert {r["rows"] for r in rows} == {262_208}
+    assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
+
+
 @pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3)])
 def test_tiny_level_planned_with_its_familys_own_tokenizer(family, appended):
     """A family that appends its image tokens to the shared tokenizer is planned with them: the tokenizer check
