@@ -60,6 +60,22 @@ def test_gemma3_pyramid_plan_fits():
     assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
 
 
+def test_smolvlm_pyramid_plan_fits():
+    """SmolVLM2 2.2B → 500M → 256M from the mirrored configs (configs/smolvlm/SOURCES.md): their sizes, one
+    tokenizer of 49,280 tokens; the SmolVLM v1 500M/256M files build the same models under Idefics3's classes."""
+    rows, problems = plan_run(load_config(ROOT / "configs" / "smolvlm.yaml"), ROOT / "configs" / "smolvlm",
+                              ROOT / "cluster.yaml")
+    assert problems == []
+    by_process = {r["process"].split(" ×")[0]: r for r in rows}
+    for process, published in (("train L-direct", 2.25e9), ("train M+PPOD", 507e6), ("train S-direct", 256e6)):
+        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
+    assert {r["rows"] for r in rows} == {49_280}
+    v1 = load_config(ROOT / "configs" / "smolvlm.yaml", ["levels.M.path=HuggingFaceTB/SmolVLM-500M-Instruct",
+                                                         "levels.S.path=HuggingFaceTB/SmolVLM-256M-Instruct"])
+    rows_v1, problems_v1 = plan_run(v1, ROOT / "configs" / "smolvlm")
+    assert problems_v1 == [] and [r["params"] for r in rows_v1] == [r["params"] for r in rows]
+
+
 @pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3)])
 def test_tiny_level_planned_with_its_familys_own_tokenizer(family, appended):
     """A family that appends its image tokens to the shared tokenizer is planned with them: the tokenizer check
