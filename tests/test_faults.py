@@ -133,38 +133,27 @@ def _assert_same_result(run_dir: Path, reference: Path) -> None:
     assert last[0] == pytest.approx(last[1], rel=1e-4, abs=1e-6)
 
 
-def test_teacher_killed_mid_stage_restarts_and_matches(config, reference, tmp_path):
-    run_dir = tmp_path / "faults"
-    _copy_first_stage(reference, run_dir)
-    killed = []
+def test_teacher_then_train_worker_killed_mid_stage_recovers_and_matches(config, reference, tmp_path):
+    """Two faults in one S+PPOD (each recovered its own way; one stage pays for both):
 
-    def kill_teacher_mid_stage():
-        _wait(lambda: len(_steps(run_dir)) >= 3, 1200, "S+PPOD steps")
-        killed.append(faults.kill_teacher(_pool_name(run_dir, "L-direct")))
+    1. In epoch 1, a teacher replica is killed: Ray restarts the actor and retries the in-flight requests; the
+       train worker is not restarted (no `resumed_from_step` before the second fault).
+    2. In epoch 2, between checkpoints, the train worker is killed: Ray Train restarts it from the last
+       checkpoint, which is the latest one Ray Train registered, not the latest one hkd logged (a report still
+       queued in the killed worker, the controller polling every 0.25 s, is lost, and the replacement then
+       starts from the one before, or from scratch). Either way it records where it started
+       (`resumed_from_step`, 0 = scratch).
 
-    thread = _in_background(kill_teacher_mid_stage)
-    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
-    thread.join(1)
-    assert killed, "the teacher was never killed"
-    stage_run = _runs(run_dir)[STAGE][-1]
-    assert stage_run.info.status == "FINISHED"
-    assert stage_run.data.metrics["teacher_restarts_L-direct"] == 1
-    # The in-flight requests were retried by Ray, not recovered by restarting the train worker.
-    assert _history(run_dir, stage_run, "resumed_from_step") == []
-    _assert_same_result(run_dir, reference)
-
-
-def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp_path):
-    """"Last checkpoint" is the latest one Ray Train registered, not the latest one hkd logged: a report still
-    queued in the killed worker (the controller polls every 0.25 s) is lost, and the
-    replacement then starts from the one before, or from scratch. Either way it must record where it
-    started (`resumed_from_step`, 0 = scratch) and end where the fault-free run did."""
+    The student ends where the fault-free run did."""
     run_dir = tmp_path / "faults"
     _copy_first_stage(reference, run_dir)
     uri, storage, seen = _uri(run_dir), run_dir / "ray", {}
 
-    def kill_worker_between_checkpoints():
+    def kill_teacher_then_worker():
+        _wait(lambda: len(_steps(run_dir)) >= 3, 1200, "S+PPOD steps")
+        seen["teacher_pid"] = faults.kill_teacher(_pool_name(run_dir, "L-direct"))
         _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints")
+        seen["resumed_before"] = _history(run_dir, _runs(run_dir)[STAGE][-1], "resumed_from_step")
         seen["logged_ckpt"] = max(faults.logged_steps(uri, STAGE, "val/f1"))
         seen["registered_at_kill"], _ = faults.registered_checkpoint(storage, STAGE)
         seen["dirs"] = {p.name for p in (storage / STAGE).glob("checkpoint_*") if p.is_dir()}  # not the snapshot
@@ -175,14 +164,20 @@ def test_train_worker_killed_resumes_from_last_checkpoint(config, reference, tmp
         _wait(lambda: set(faults.train_worker_pids()) - {seen["pid"]}, 600, "the replacement worker")
         seen["ckpt"], seen["ckpt_dir"] = faults.registered_checkpoint(storage, STAGE)
 
-    thread = _in_background(kill_worker_between_checkpoints)
+    thread = _in_background(kill_teacher_then_worker)
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     thread.join(1)
+    assert seen.get("teacher_pid"), "the teacher was never killed"
     assert seen.get("pid"), "no train worker was killed"
-    print(f"worker kill: {seen}")
+    print(f"teacher then worker kill: {seen}")
+    stage_run = _runs(run_dir)[STAGE][-1]
+    assert stage_run.info.status == "FINISHED"
+    # 1. The teacher's in-flight requests were retried by Ray, not recovered by restarting the train worker.
+    assert stage_run.data.metrics["teacher_restarts_L-direct"] == 1
+    assert seen["resumed_before"] == []
+    # 2. The train worker resumed from the checkpoint Ray Train had registered, redoing only the steps after it.
     assert seen["ckpt_dir"] is None or seen["ckpt_dir"] in seen["dirs"], "read after the replacement reported"
     assert seen["registered_at_kill"] <= seen["ckpt"] <= seen["logged_ckpt"]
-    stage_run = _runs(run_dir)[STAGE][-1]
     assert [m.value for m in _history(run_dir, stage_run, "resumed_from_step")] == [seen["ckpt"]], seen
     counts = collections.Counter(m.step for m in _history(run_dir, stage_run, "loss"))
     total = json.loads((run_dir / "stages" / f"{STAGE}.json").read_text())["val"]["steps"]
