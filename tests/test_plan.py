@@ -76,6 +76,21 @@ def test_smolvlm_pyramid_plan_fits():
     assert problems_v1 == [] and [r["params"] for r in rows_v1] == [r["params"] for r in rows]
 
 
+def test_internvl_pyramid_plan_fits():
+    """38B → 8B → 1B from the mirrored InternVL3 -hf configs (configs/internvl/SOURCES.md): the published sizes
+    (untied LM heads), one tokenizer of 151,674 tokens; 14B as M needs half a GPU per teacher replica."""
+    rows, problems = plan_run(load_config(ROOT / "configs" / "internvl.yaml"), ROOT / "configs" / "internvl",
+                              ROOT / "cluster.yaml")
+    assert problems == []
+    by_process = {r["process"].split(" ×")[0]: r for r in rows}
+    for process, published in (("train L-direct", 38.4e9), ("train M+PPOD", 7.94e9), ("train S-direct", 0.938e9)):
+        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
+    assert {r["rows"] for r in rows} == {151_674}
+    cfg = load_config(ROOT / "configs" / "internvl.yaml", ["levels.M.path=OpenGVLab/InternVL3-14B-hf"])
+    _, problems = plan_run(cfg, ROOT / "configs" / "internvl")
+    assert problems == ["teacher M ×2: needs 30.2 GB, its GPU share allows 30.0 GB"]
+
+
 @pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3)])
 def test_tiny_level_planned_with_its_familys_own_tokenizer(family, appended):
     """A family that appends its image tokens to the shared tokenizer is planned with them: the tokenizer check
