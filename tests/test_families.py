@@ -1,7 +1,8 @@
-"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3, SmolVLM and Gemma 3 levels build offline, load, encode,
-score and train a grounding batch as Qwen2.5-VL's do; tiny Qwen3-VL and Idefics3 pyramids also run the Ray path
-(direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd predict`; SmolVLM's and Gemma 3's
-are not run, for the suite's time); levels of different families in one run are refused before any work."""
+"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3, SmolVLM, Gemma 3 and InternVL levels build offline,
+load, encode, score and train a grounding batch as Qwen2.5-VL's do; tiny Qwen3-VL and Idefics3 pyramids also run the
+Ray path (direct tuning and distillation with a teacher actor, `hkd evaluate`, `hkd predict`; SmolVLM's, Gemma 3's
+and InternVL's are not run, for the suite's time); levels of different families in one run are refused before any
+work."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def tiny(family: str) -> str:
 
 TINY = tiny("qwen3_vl")
 MODEL_CLASS = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
-# SmolVLM's and Gemma 3's Ray runs are left out: the suite is at its time limit (SmolVLM's inputs are Idefics3's)
+               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+               "internvl": "InternVLForConditionalGeneration"}
+# SmolVLM's, Gemma 3's and InternVL's Ray runs are left out: the suite is at its time limit (SmolVLM's inputs are
+# Idefics3's)
 PYRAMID_FAMILIES = ["qwen3_vl", "idefics3"]
 
 
@@ -69,7 +72,8 @@ def test_tiny_level_builds_loads_and_scores_each_option(level):
     assert logits.shape == (len(batch["target"]), len(processor.tokenizer)) and torch.isfinite(logits).all()
     # Qwen3-VL: 16-pixel patches merged 2 x 2, a 56-pixel image resized to 64; Idefics3 and SmolVLM: 14-pixel
     # patches shuffled 2 x 2, 56 pixels as they are; Gemma 3: resized to its tower's 112 pixels, 8 x 8 patches of 14
-    # pooled 4 x 4. All give 4 image tokens.
+    # pooled 4 x 4; InternVL: resized to its tower's 56 pixels, 4 x 4 patches of 14 shuffled 2 x 2. All give 4 image
+    # tokens.
     assert (batch["input_ids"][0] == model.config.image_token_id).sum() == 4
     if family in ("idefics3", "smolvlm"):
         assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"}
@@ -78,6 +82,10 @@ def test_tiny_level_builds_loads_and_scores_each_option(level):
         assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
         assert batch["pixel_values"].shape == (len(units), 3, 112, 112)
         assert torch.equal(batch["token_type_ids"].bool(), batch["input_ids"] == model.config.image_token_id)
+    if family == "internvl":
+        assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+        assert batch["pixel_values"].shape == (len(units), 3, 56, 56)
+        assert batch["image_sizes"].tolist() == [[56, 56]] * len(units)
 
 
 def test_select_rows_match_those_rows_collated_alone(level):
@@ -184,7 +192,7 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
                     "data: {source: synth, synth: {train: 4, val: 2, test: 2}}\n")
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
     assert (f"levels.S.path: {other}: model_type 'llava' is not a supported family (qwen2_5_vl, qwen3_vl, "
-            "idefics3, smolvlm, gemma3)") in capsys.readouterr().err
+            "idefics3, smolvlm, gemma3, internvl)") in capsys.readouterr().err
 
 
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FamilyName = Literal["qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3"]  # the keys of `workers.families.FAMILIES`
+# the keys of `workers.families.FAMILIES`
+FamilyName = Literal["qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"]
 
 
 @dataclass(frozen=True)

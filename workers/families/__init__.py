@@ -3,9 +3,9 @@
 A level's family is its model dir's `config.json` `model_type` (a real checkpoint or a built tiny level), or
 the `family:` key of a tiny level's config. Everything else (Ray stages, teachers, losses, cache, calibration,
 reports) is family-agnostic. Prompts and supervised positions are the same in every family (`workers.prompts`);
-how images reach the model is one of three formats (`workers.families.formats`): the Qwen-VL families' flattened
-patches with their grid, Idefics3's per-image pixel tensors with a pixel mask, or Gemma 3's fixed-size images
-with token types.
+how images reach the model is one of four formats (`workers.families.formats`): the Qwen-VL families' flattened
+patches with their grid, Idefics3's per-image pixel tensors with a pixel mask, Gemma 3's fixed-size images
+with token types, or InternVL's fixed-size tiles with their sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from workers.families import gemma3, idefics3, qwen2_5_vl, qwen3_vl, smolvlm
+from workers.families import gemma3, idefics3, internvl, qwen2_5_vl, qwen3_vl, smolvlm
 from workers.shapes import LevelShape
 
 
@@ -38,6 +38,8 @@ FAMILIES = {f.name: f for f in (
     Family("idefics3", idefics3.MODEL, idefics3.PROCESSOR, idefics3.build_config, idefics3.build_processor),
     Family("smolvlm", smolvlm.MODEL, smolvlm.HKDSmolVLMProcessor, smolvlm.build_config, smolvlm.build_processor),
     Family("gemma3", gemma3.MODEL, gemma3.PROCESSOR, gemma3.build_config, gemma3.build_processor),
+    Family("internvl", internvl.MODEL, internvl.HKDInternVLProcessor, internvl.build_config,
+           internvl.build_processor),
 )}
 
 

@@ -1,10 +1,11 @@
 """How a family's images reach its model: the per-row image columns `workers.prompts.encode_records` stores,
 their batch, and the batch of a subset of rows.
 
-Three formats: Qwen-VL's (`PATCHES`: every image's flattened patches concatenated over the batch, located by
+Four formats: Qwen-VL's (`PATCHES`: every image's flattened patches concatenated over the batch, located by
 their (t, h, w) grid, plus `mm_token_type_ids`), per-image pixel tensors (`PIXELS`: [B, n_images, 3, H, W]
-with a pixel mask, Idefics3 and SmolVLM) and Gemma 3's fixed-size images (`IMAGES`: [B * n_images, 3, H, W],
-plus `token_type_ids`). Each format has a column only it has (`marker`), so encoded columns,
+with a pixel mask, Idefics3 and SmolVLM), Gemma 3's fixed-size images (`IMAGES`: [B * n_images, 3, H, W],
+plus `token_type_ids`) and InternVL's fixed-size tiles (`TILES`: [B * n_tiles, 3, H, W], plus their
+`image_sizes`). Each format has a column only it has (`marker`), so encoded columns,
 collated batches and a teacher's wire inputs say which format they are: callers that hold only a batch (the
 teacher, row selection for a teacher resend) need no family.
 """
@@ -38,6 +39,11 @@ def object_array(items: list[np.ndarray]) -> np.ndarray:
     return arr
 
 
+def _concat_pixels(batch: Mapping) -> torch.Tensor:
+    """Every row's pixels, concatenated in row order (fp32: rows are stored as fp16)."""
+    return torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
+
+
 def _patch_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
     pixels = np.asarray(enc["pixel_values"], dtype=dtype)
     grids = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(n, 3)
@@ -46,8 +52,7 @@ def _patch_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
 
 
 def _collate_patches(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
-    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
-    return {"mm_token_type_ids": (ids == image_token_id).int(), "pixel_values": pixels,
+    return {"mm_token_type_ids": (ids == image_token_id).int(), "pixel_values": _concat_pixels(batch),
             "image_grid_thw": torch.as_tensor(np.stack(batch["image_grid_thw"]), dtype=torch.long)}
 
 
@@ -109,21 +114,47 @@ def _image_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
 
 def _collate_images(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
     """Gemma 3 attends bidirectionally within an image's tokens where `token_type_ids` is 1."""
-    pixels = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
-    return {"token_type_ids": (ids == image_token_id).long(), "pixel_values": pixels}
+    return {"token_type_ids": (ids == image_token_id).long(), "pixel_values": _concat_pixels(batch)}
+
+
+def _stacked_rows(stack: torch.Tensor, n_rows: int, rows: list[int]) -> torch.Tensor:
+    """Some rows' part of a stack over the batch that has as many entries (images) per row."""
+    return stack.unflatten(0, (n_rows, -1))[torch.as_tensor(rows, dtype=torch.long)].flatten(0, 1)
 
 
 def _select_images(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
-    index = torch.as_tensor(rows, dtype=torch.long)
     types = batch["token_type_ids"]
-    per_row = batch["pixel_values"].unflatten(0, (len(types), -1))
-    return {"token_type_ids": types[index], "pixel_values": per_row[index].flatten(0, 1)}
+    return {"token_type_ids": types[torch.as_tensor(rows, dtype=torch.long)],
+            "pixel_values": _stacked_rows(batch["pixel_values"], len(types), rows)}
 
 
 IMAGES = ImageFormat("token_type_ids", ("token_type_ids", "pixel_values"), _image_rows, _collate_images,
                      _select_images)
 
-FORMATS = (PATCHES, PIXELS, IMAGES)
+
+def _tile_rows(enc: Mapping, n: int, dtype: type) -> dict[str, np.ndarray]:
+    """Every row has as many tiles (one per image: never cropped into more), so the batch's stacks of tiles and
+    of their sizes split evenly. The sizes (`image_sizes`, each tile's (height, width), which InternVL's forward
+    takes and leaves unused) are the format's marker: InternVL's own processor output has no other column."""
+    return {"pixel_values": object_array(np.split(np.asarray(enc["pixel_values"], dtype=dtype), n)),
+            "image_sizes": object_array(np.split(np.asarray(enc["image_sizes"], dtype=np.int64), n))}
+
+
+def _collate_tiles(batch: Mapping, ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """The image tokens alone say where the tiles go (InternVL's decoder is causal throughout)."""
+    return {"pixel_values": _concat_pixels(batch),
+            "image_sizes": torch.as_tensor(np.concatenate([np.asarray(s) for s in batch["image_sizes"]]),
+                                           dtype=torch.long)}
+
+
+def _select_tiles(batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+    n_rows = len(batch["input_ids"])
+    return {k: _stacked_rows(batch[k], n_rows, rows) for k in ("pixel_values", "image_sizes")}
+
+
+TILES = ImageFormat("image_sizes", ("pixel_values", "image_sizes"), _tile_rows, _collate_tiles, _select_tiles)
+
+FORMATS = (PATCHES, PIXELS, IMAGES, TILES)
 
 
 def format_of(data: Mapping) -> ImageFormat:
