@@ -186,12 +186,18 @@ class TeacherRef(Strict):
 
 
 class KDSettings(Strict):
-    """The divergence of a distillation stage's KD terms, over the teachers' top-k + tail buckets
-    (`workers.objectives.kd_divergence`): forward KL (mean-seeking, the default), reverse KL (mode-seeking) or
-    the generalised JSD with mixture weight `beta` (0: forward KL, 1: reverse KL), as in TRL's GKD."""
+    """The divergence of a distillation stage's KD terms (`workers.objectives.kd_divergence`): forward KL
+    (mean-seeking, the default), reverse KL (mode-seeking) or the generalised JSD with mixture weight `beta`
+    (0: forward KL, 1: reverse KL), as in TRL's GKD; and what it runs over (`kd_over`): a teacher's top-k +
+    tail buckets of the shared vocabulary, or its answer distribution over the two label words, which maps
+    exactly onto any student's whatever its tokenizer (`auto`: top-k where teacher and student share a
+    tokenizer, the label words where they do not)."""
 
     kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, ge=0, le=1, description="JSD's mixture weight (kd_loss: jsd)")
+    kd_over: Literal["auto", "top_k", "label_words"] = Field(
+        "auto", description="auto: top_k where teacher and student share a tokenizer, else label_words; top_k "
+                            "between different tokenizers is refused")
 
 
 class UnlabeledWeight(Strict):

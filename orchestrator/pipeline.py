@@ -16,6 +16,7 @@ from transformers import ProcessorMixin
 
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator import console
+from orchestrator.pairs import RunInputs
 from orchestrator.placement import init_ray, local_resources
 from orchestrator.plots import render_plots
 from orchestrator.progress import step_bar
@@ -32,11 +33,10 @@ from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
 from workers.grounding import GROUNDING_PROMPT
 from workers.lengths import context_length, too_long
-from workers.families import UnsupportedFamilyError, family_of, load_processor
 from workers.models import (LevelShape, ModelDirError, build_level, build_tokenizer,
                             check_model_dir, count_parameters, load_model_dir)
 from workers.prompts import record_units
-from workers.teacher import TeacherPool, check_compatible
+from workers.teacher import TeacherPool
 from workers.type_scores import type_scores
 
 
@@ -58,18 +58,17 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     splits = load_splits(cfg, run_dir)
     unlabeled, meta_unlabeled = unlabeled_inputs(cfg, plans, run_dir, splits)
     init_dirs = init_levels(cfg, run_dir, splits["train"])
-    check_levels(plans, init_dirs)
+    inputs = RunInputs(cfg, plans, init_dirs, first=cfg.direct.levels[0])
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
-    _print_plan(cfg, plans, meta, run_dir, log)
-    processor = load_processor(init_dirs[cfg.direct.levels[0]])
-    check_prompt_lengths(cfg, run_dir, processor, init_dirs)
+    _print_plan(cfg, plans, meta, run_dir, inputs.kinds, log)
+    check_prompt_lengths(cfg, run_dir, inputs, init_dirs)
     # TCRD runs two teachers at once: reserve room for both.
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
                          custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
                          log_dir=run_dir / "logs")
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
-    encoded = encode_inputs(splits, unlabeled, processor)
+    encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
         for run_id in end_stale_runs(run_dir, cfg.tracking.experiment):
@@ -80,7 +79,8 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
         try:
             for i, plan in enumerate(plans):
                 log(f"stage {i + 1}/{len(plans)}: {plan.name}")
-                result = _stage(cfg, run_dir, plan, prints[plan.name], init_dirs, encoded, splits, uri, pools, log)
+                result = _stage(cfg, run_dir, plan, prints[plan.name], init_dirs, inputs, encoded, splits, uri, pools,
+                                log)
                 if plan.kind != "grounding":  # pre-training has no task metrics: not a report row
                     rows[plan.name] = result
                     for key, value in result["test"].items():
@@ -110,13 +110,14 @@ def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,
     return load_unlabeled(cfg, run_dir, splits, cfg.data.synth.generator_spec())
 
 
-def encode_inputs(splits: dict[str, list[dict]], unlabeled: list[dict],
-                  processor: ProcessorMixin) -> dict[str, ray.data.Dataset]:
+def encode_inputs(splits: dict[str, list[dict]], unlabeled: list[dict], processor: ProcessorMixin,
+                  also: dict[str, ProcessorMixin] | None = None) -> dict[str, ray.data.Dataset]:
     """Encoded train and val splits, and `train_kd`: what distillation stages train on, the training records
-    with the unlabelled ones spread among them (also added to `splits`; the train split itself without any)."""
-    encoded = {s: encode_split(splits[s], processor) for s in ("train", "val")}
+    with the unlabelled ones spread among them (also added to `splits`; the train split itself without any).
+    `also`: the other levels' processors by column prefix (`orchestrator.pairs`)."""
+    encoded = {s: encode_split(splits[s], processor, also) for s in ("train", "val")}
     splits["train_kd"] = mixed(splits["train"], unlabeled)
-    encoded["train_kd"] = encode_split(splits["train_kd"], processor) if unlabeled else encoded["train"]
+    encoded["train_kd"] = encode_split(splits["train_kd"], processor, also) if unlabeled else encoded["train"]
     return encoded
 
 
@@ -147,8 +148,9 @@ def data_counts(splits: dict[str, list[dict]]) -> dict[str, dict]:
             for split, recs in splits.items()}
 
 
-def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Path, log) -> None:
-    """What the run will do, before it does it."""
+def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Path, kinds: dict[str, str],
+                log) -> None:
+    """What the run will do, before it does it (`kinds`: each teacher→student pair's KD, `orchestrator.pairs`)."""
     log(f"hkd run {cfg.name}: {len(plans)} stages, seed {cfg.seed}")
     for name, lc in cfg.levels.items():
         if lc.path:
@@ -163,6 +165,9 @@ def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Pat
         log(f"  unlabelled (distillation stages): {meta['unlabeled']['records']} records; "
             f"{meta['unlabeled']['dropped_overlap']} generated ones dropped: their scene is in val or test")
     log("  stages: " + " → ".join(p.name for p in plans))
+    across = [pair for pair, kind in kinds.items() if kind == "label_words"]
+    if across:
+        log("  KD over the label words (teacher and student tokenizers differ): " + ", ".join(across))
     log(f"  run dir: {run_dir}  (Ray and library output: {run_dir / 'logs'}/)")
 
 
@@ -191,23 +196,25 @@ def _load_args(cfg: RunConfig) -> dict:
             "max_image_pixels": cfg.data.max_image_pixels}
 
 
-def check_prompt_lengths(cfg: RunConfig, run_dir: Path, processor: ProcessorMixin, init_dirs: dict[str, Path]) -> None:
-    """Refuse, before any training, a record whose prompt is longer than the shortest context of the levels.
+def check_prompt_lengths(cfg: RunConfig, run_dir: Path, inputs: RunInputs, init_dirs: dict[str, Path]) -> None:
+    """Refuse, before any training, a record whose prompt is longer than a level's context, encoded by that
+    level's processor (once per distinct processor, against the shortest context among its levels).
 
     Skipped for the generated benchmark, whose prompts are a few dozen tokens: the check encodes every prompt
     with its image (about as long as the encoding that training does anyway)."""
     if cfg.data.source == "synth":
         return
     contexts = {level: n for level, d in init_dirs.items() if (n := context_length(d)) is not None}
-    if not contexts:
-        return
-    level = min(contexts, key=contexts.get)
+    shortest: dict[str, str] = {}  # encoding key → its level with the shortest context
+    for level in sorted(contexts, key=contexts.get):
+        shortest.setdefault(inputs.levels[level].key, level)
     paths = dict.fromkeys(str(p) for paths in split_files(cfg, run_dir).values() for p in paths)
-    for path in paths:
-        scan = scan_file(path, **_load_args(cfg), first_error_only=True)
-        for line, message in too_long(scan.records, scan.lines, processor, contexts[level]):
-            raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
-                            ("--model-dir", str(init_dirs[level])))
+    for level in shortest.values():
+        for path in paths:
+            scan = scan_file(path, **_load_args(cfg), first_error_only=True)
+            for line, message in too_long(scan.records, scan.lines, inputs.levels[level].processor, contexts[level]):
+                raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
+                                ("--model-dir", str(init_dirs[level])))
 
 
 def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dict[str, Path]:
@@ -233,36 +240,14 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
     return out
 
 
-def check_levels(plans: list[StagePlan], init_dirs: dict[str, Path]) -> None:
-    """Refuse, before any stage trains, levels of different model families (the run encodes its inputs once,
-    with its first level's processor, and teachers read the student's encoded batches), and a teacher level
-    whose tokenizer differs from its student's (a stage's model keeps its level's tokenizer, so the initial
-    dirs decide)."""
-    families = {}
-    for level, model_dir in init_dirs.items():
-        try:
-            families[level] = family_of(model_dir).name
-        except UnsupportedFamilyError as err:
-            raise ConfigError(f"levels.{level}.path: {err}") from None
-    if len(set(families.values())) > 1:
-        named = ", ".join(f"levels.{level} is {name}" for level, name in families.items())
-        raise ConfigError(f"{named}: a run's levels must be one model family (distillation across families "
-                          "is not built yet)")
-    level_of = {p.name: p.level for p in plans}
-    for teacher, student in sorted({(level_of[t["stage"]], p.level) for p in plans for t in p.teachers}):
-        try:
-            check_compatible(init_dirs[teacher], init_dirs[student])
-        except ValueError as err:
-            raise ConfigError(f"levels.{teacher} / levels.{student}: {err}") from None
-
-
 def _corpus(records: list[dict], augmenting: bool) -> list[str]:
     texts = [u["text"] + u["answer"] for u in record_units(records)]
     return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
-           encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str, pools: dict, log) -> dict:
+           inputs: RunInputs, encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str,
+           pools: dict, log) -> dict:
     """Train, test and record one stage, unless an earlier attempt already finished it."""
     stage_file = run_dir / "stages" / f"{plan.name}.json"
     done = stage_done(stage_file, fingerprint)
@@ -284,14 +269,15 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 val = fit_grounding(plan.name, init_dir, out_dir, plan.train, cfg.data.synth.generator_spec(), cfg.resources,
                                     run_dir / "ray", cfg.seed, stage_tracking(uri), progress, cfg.placement)
             else:
-                loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, init_dir, pools),
-                                  cache_root(cfg, run_dir))
+                loss = stage_loss(cfg, plan, start_teachers(cfg, run_dir, plan, pools), cache_root(cfg, run_dir),
+                                  inputs.stage_teachers(plan))
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss_params(loss)}))
                 source = "train" if plan.kind == "direct" else "train_kd"  # only distillation sees unlabelled
                 mlflow.log_metric("unlabeled_records", len(splits[source]) - len(splits["train"]))
-                sets = train_datasets(encoded[source], augmented_epochs(cfg, plan.train, splits[source], init_dir))
+                sets = train_datasets(encoded[source], augmented_epochs(cfg, plan.train, splits[source],
+                                                                        inputs.processor, inputs.also))
                 job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded[source].count(),
-                                stage_tracking(uri), progress)
+                                stage_tracking(uri), progress, inputs.prefixes[plan.level])
                 val = fit_stage(plan.name, job, sets, encoded["val"], cfg.resources, run_dir / "ray", cfg.placement)
                 mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
                                     for t in plan.teachers})
@@ -327,12 +313,12 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
                            "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}
 
 
-def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, student_dir: Path, pools: dict) -> dict[str, str]:
-    """Start the stage's teacher pools not yet running (checking tokenizers); returns pool names by stage."""
+def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, pools: dict) -> dict[str, str]:
+    """Start the stage's teacher pools not yet running (their pairing with the student was checked before any
+    work, `orchestrator.pairs`); returns pool names by stage."""
     names = {}
     for t in plan.teachers:
         teacher_dir = model_dir(run_dir, t["stage"])
-        check_compatible(teacher_dir, student_dir)
         names[t["stage"]] = _pool_name(run_dir, t["stage"])
         if t["stage"] not in pools:
             pools[t["stage"]] = TeacherPool.start(names[t["stage"]], teacher_dir, replicas=cfg.teachers.replicas,

@@ -1,4 +1,5 @@
-"""`hkd plan`: check a run's tokenizer sharing, placement and per-GPU memory before any weights exist.
+"""`hkd plan`: check a run's teacher→student pairs (KD over top-k + tail where they share a tokenizer, over the
+label words where they do not: `orchestrator.pairs`), placement and per-GPU memory before any weights exist.
 
 Each level is built on the meta device (shapes, no memory) from its config: a local model dir's config.json,
 a mirror named after the hub checkpoint in `--model-configs` (configs/qwen2_5_vl/ has 3B/7B/32B/72B), else the
@@ -18,6 +19,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedTokenizerFast
 
 from orchestrator.config import ConfigError, RunConfig, TrainConfig
+from orchestrator.pairs import check_pairs
 from orchestrator.stages import StagePlan, plan_stages
 from workers import synth
 from workers.lora import add_lora
@@ -44,12 +46,13 @@ def plan_run(cfg: RunConfig, model_configs: Path | None = None,
              cluster: Path | None = None) -> tuple[list[dict], list[str]]:
     """Rows of the memory table and the list of problems (empty: the run fits as configured)."""
     levels = {name: _level(cfg, name, model_configs) for name in cfg.levels}
-    problems = _tokenizer_problems(levels)
+    problems = _embedding_problems(levels)
     stages = plan_stages(cfg)
+    kinds = check_pairs(cfg, stages, {name: lv.tokenizer for name, lv in levels.items()})
     adapters: dict = {}
-    rows = [_train_row(cfg, s, levels[s.level], adapters) for s in stages]
+    rows = [_train_row(cfg, s, levels[s.level], adapters) | {"kd": _kd_column(cfg, s, kinds)} for s in stages]
     teacher_levels = dict.fromkeys(t["level"] for s in stages for t in s.teachers)
-    rows += [_teacher_row(cfg, name, levels[name]) for name in teacher_levels]
+    rows += [_teacher_row(cfg, name, levels[name]) | {"kd": ""} for name in teacher_levels]
     problems += [f"{r['process']}: needs {r['need_gb']:.1f} GB, its GPU share allows {r['limit_gb']:.1f} GB"
                  for r in rows if r["limit_gb"] is not None and r["need_gb"] > r["limit_gb"]]
     problems += _share_problems(cfg, teacher_levels)
@@ -86,7 +89,10 @@ def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[Pretra
     local = Path(path)
     if (local / "config.json").is_file():
         tokenizer = load_processor(local).tokenizer
-        return AutoConfig.from_pretrained(local), (len(tokenizer), label_word_ids(tokenizer))
+        try:
+            return AutoConfig.from_pretrained(local), (len(tokenizer), label_word_ids(tokenizer))
+        except ValueError as err:  # a label word that is not one token
+            raise ConfigError(f"levels.{name}: {err} ({local})") from None
     mirror = model_configs / f"{local.name}.json" if model_configs else None
     if mirror is None or not mirror.is_file():
         try:
@@ -104,18 +110,17 @@ def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[Pretra
     return config, (facts["length"], tuple(facts["label_word_ids"]))
 
 
-def _tokenizer_problems(levels: dict[str, Level]) -> list[str]:
-    """One shared tokenizer (same length and label-word ids); each embedding table has a row per token. Rows
-    beyond the tokenizer are padding and differ by size (Qwen2.5-VL 3B: 151,936; 7B/32B/72B: 152,064)."""
-    problems = []
-    first_name, first = next(iter(levels.items()))
-    for name, lv in levels.items():
-        if lv.tokenizer != first.tokenizer:
-            problems.append(f"levels.{name}: tokenizer (length, label ids) {lv.tokenizer} differs from "
-                            f"levels.{first_name}'s {first.tokenizer}; distillation needs one shared tokenizer")
-        if lv.rows < lv.tokenizer[0]:
-            problems.append(f"levels.{name}: {lv.rows} embedding rows for a tokenizer of {lv.tokenizer[0]} tokens")
-    return problems
+def _embedding_problems(levels: dict[str, Level]) -> list[str]:
+    """Each embedding table has a row per token. Rows beyond the tokenizer are padding and differ by size
+    (Qwen2.5-VL 3B: 151,936; 7B/32B/72B: 152,064)."""
+    return [f"levels.{name}: {lv.rows} embedding rows for a tokenizer of {lv.tokenizer[0]} tokens"
+            for name, lv in levels.items() if lv.rows < lv.tokenizer[0]]
+
+
+def _kd_column(cfg: RunConfig, stage: StagePlan, kinds: dict[str, str]) -> str:
+    """What the stage's KD runs over, per teacher (`orchestrator.pairs.kd_over`)."""
+    names = {"top_k": f"top-{cfg.teachers.k} + tail", "label_words": "label words"}
+    return ", ".join(f"{names[kinds[t['stage'] + '→' + stage.name]]} ({t['level']})" for t in stage.teachers) or "-"
 
 
 def _train_row(cfg: RunConfig, stage: StagePlan, level: Level, adapters: dict) -> dict:
@@ -201,12 +206,12 @@ def _alive_teachers(stages: list[StagePlan]) -> list[list[str]]:
 
 def format_table(rows: list[dict], gpu_memory_gb: float) -> str:
     head = (f"{'process':<22} {'params':>9} {'vocab rows':>10} {'trainable':>10} {'dtype':>9} {'GPU':>5} "
-            f"{'need GB':>8} {'limit GB':>9}")
+            f"{'need GB':>8} {'limit GB':>9}  KD over (teacher)")
     lines = [head, "-" * len(head)]
     for r in rows:
         limit = f"{r['limit_gb']:.1f}" if r["limit_gb"] is not None else "cpu"
         trainable = f"{r['trainable'] / 1e6:.1f}M" if r["trainable"] else "frozen"
         lines.append(f"{r['process']:<22} {r['params'] / 1e9:>8.2f}B {r['rows']:>10} {trainable:>10} {r['dtype']:>9} "
-                     f"{r['gpu_share']:>5g} {r['need_gb']:>8.1f} {limit:>9}")
+                     f"{r['gpu_share']:>5g} {r['need_gb']:>8.1f} {limit:>9}  {r['kd']}")
     lines.append(f"limit = GPU share × {gpu_memory_gb:g} GB × {1 - ACTIVATION_SHARE:.2f} (the rest: activations)")
     return "\n".join(lines)

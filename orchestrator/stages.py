@@ -20,7 +20,7 @@ from orchestrator.config import (ConfigError, KDSettings, Placement, PretrainCon
                                  TCRDConfig, TeacherResources, TrainConfig)
 from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
-from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherSpec, TrainSettings
+from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherInputs, TeacherSpec, TrainSettings
 from workers.entry_points import grounding_loop_per_worker, train_loop_per_worker
 from workers.shapes import LevelShape
 from workers.synth import SynthSpec
@@ -48,12 +48,13 @@ def train_datasets(train_ds: ray.data.Dataset, epoch_ds: list[ray.data.Dataset] 
 
 def stage_job(cfg: RunConfig, plan: StagePlan, init_dir: Path, out_dir: Path, loss: StageLossConfig,
               train_sets: dict[str, ray.data.Dataset], n_units: int, tracking: dict | None,
-              progress: Path | None = None) -> StageJob:
-    """The typed job of one task stage, built once from the validated config (workers add no defaults)."""
+              progress: Path | None = None, inputs: str = "") -> StageJob:
+    """The typed job of one task stage, built once from the validated config (workers add no defaults);
+    `inputs`: the column prefix of the student's encoding ("": the run's first level's)."""
     return StageJob(model_dir=str(init_dir), out_dir=str(out_dir), train=train_settings(plan.train), loss=loss,
                     n_units=n_units, train_sets=tuple(train_sets), threads=torch_threads(cfg.resources),
                     seed=cfg.seed, tracking=tracking, progress=str(progress) if progress else None,
-                    trust_remote_code=cfg.levels[plan.level].trust_remote_code)
+                    trust_remote_code=cfg.levels[plan.level].trust_remote_code, inputs=inputs)
 
 
 def train_settings(train: TrainConfig) -> TrainSettings:
@@ -98,12 +99,17 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
     return result.return_value or {}
 
 
-def stage_loss(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str) -> StageLossConfig:
+def stage_loss(cfg: RunConfig, plan: StagePlan, pool_names: dict[str, str], cache_root: str,
+               pairs: dict[str, tuple[bool, TeacherInputs | None]] | None = None) -> StageLossConfig:
     """The stage's objective and teacher traffic (`workers.objectives`, `workers.teacher_requests`): weights,
-    temperatures, divergence, teacher pools by name, the cache."""
+    temperatures, divergence, teacher pools by name, the cache; `pairs`: per teacher stage, whether it distils
+    over the label words and its own inputs (`orchestrator.pairs.RunInputs.stage_teachers`; None: every
+    teacher shares the student's tokenizer and inputs)."""
+    pairs = pairs or {t["stage"]: (False, None) for t in plan.teachers}
     teachers = tuple(TeacherSpec(stage=t["stage"], level=t["level"], pool=pool_names[t["stage"]],
                                  replicas=cfg.teachers.replicas, weight=t["weight"], temperature=t["temperature"],
-                                 coupled=t["coupled"]) for t in plan.teachers)
+                                 coupled=t["coupled"], label_words=pairs[t["stage"]][0], inputs=pairs[t["stage"]][1])
+                     for t in plan.teachers)
     cache = (CacheSpec(cache_root, int(cfg.cache.max_gb * 2**30)) if cfg.cache.enabled and plan.teachers else None)
     return StageLossConfig(kind=plan.kind, ce_weight=plan.ce_weight, kd_loss=plan.kd.kd_loss, beta=plan.kd.beta,
                            k=cfg.teachers.k, prefetch=cfg.teachers.prefetch, call_retries=cfg.teachers.call_retries,
@@ -130,8 +136,8 @@ def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
     any other field. Kind `ppod` with teachers, `direct` without."""
     tr, tcrd = TeacherResources(), TCRDConfig()
     specs = tuple(TeacherSpec(**{"level": "T", "replicas": tr.replicas, "weight": 1.0, "temperature": 1.0,
-                                 "coupled": False, **t}) for t in teachers)
-    base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **KDSettings().model_dump(), "k": tr.k,
+                                 "coupled": False, "label_words": False, "inputs": None, **t}) for t in teachers)
+    base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **KDSettings().model_dump(exclude={"kd_over"}), "k": tr.k,
             "prefetch": tr.prefetch, "call_retries": tr.call_retries, "sharpness": tcrd.sharpness,
             "teachers": specs, "cache": None, "unlabeled_weight": tcrd.unlabeled_weight,
             "unlabeled_use": DataSection().unlabeled_use, "top_teacher": 0}
@@ -143,15 +149,16 @@ def loss_params(loss: StageLossConfig) -> dict:
     return {**dataclasses.asdict(loss), "teachers": [dataclasses.asdict(t) for t in loss.teachers]}
 
 
-def encode_split(records: list[dict], processor: ProcessorMixin) -> ray.data.Dataset:
+def encode_split(records: list[dict], processor: ProcessorMixin,
+                 also: dict[str, ProcessorMixin] | None = None) -> ray.data.Dataset:
     """Prompts (one row per record), tokenization and image preprocessing as a Ray Data map, materialized once
     per run (every stage reuses it; the train workers never decode images), in record order so that runs
-    repeat."""
-    from workers.prompts import encode_records, record_units
+    repeat. `also`: other processors whose encodings the rows carry too, under their column prefixes."""
+    from workers.prompts import encode_with, record_units
 
     units = record_units(records)
     ds = ray.data.from_items(units).map_batches(
-        encode_records, fn_kwargs={"processor": processor}, batch_size=64, batch_format="numpy",
+        encode_with, fn_kwargs={"processor": processor, "also": also}, batch_size=64, batch_format="numpy",
     )
     ds.context.execution_options.preserve_order = True  # blocks in record order, not task-completion order
     return ds.materialize()
@@ -162,16 +169,15 @@ def cache_root(cfg: RunConfig, run_dir: Path) -> str:
     return cfg.cache.path or str(run_dir / "teacher_cache")
 
 
-def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict],
-                     init_dir: Path) -> list[ray.data.Dataset] | None:
-    """Per-epoch augmented training data when `augment.enabled`, else None (the shared encoded set)."""
+def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict], processor: ProcessorMixin,
+                     also: dict[str, ProcessorMixin] | None = None) -> list[ray.data.Dataset] | None:
+    """Per-epoch augmented training data when `augment.enabled`, else None (the shared encoded set); encoded like
+    the run's splits (`encode_split`'s `processor` and `also`)."""
     if not cfg.augment.enabled:
         return None
     from workers.epoch_data import epoch_datasets
-    from workers.families import load_processor
 
-    processor = load_processor(init_dir)
-    return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms())
+    return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms(), also)
 
 
 def one_worker_iterators(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.DataIterator]:

@@ -25,10 +25,11 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.orphans import OrphanReaper
 from orchestrator.placement import init_ray
-from orchestrator.stages import (augmented_epochs, cache_root, fit_stage, loss_params, stage_job, stage_loss,
-                                 train_datasets)
+from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fit_stage, loss_params, stage_job,
+                                 stage_loss, train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
+from workers.contract import TeacherInputs
 
 TRIAL_DRIVER_CPUS = 1  # a trial's own process; Tune cannot schedule it with 0 (STACK-NOTES)
 
@@ -46,6 +47,8 @@ class TrialContext:
     uri: str
     experiment_id: str
     parent_id: str
+    pairs: dict[str, tuple[bool, TeacherInputs | None]]  # per teacher stage: label-word KD?, its own inputs
+    also_dirs: dict[str, Path]  # the teachers' other encodings: column prefix → a model dir with that processor
 
 
 def run_sweep(sweep: Sweep, log=print) -> dict:
@@ -53,8 +56,8 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
 
     The pipeline and model code are imported here, in the sweep's driver: each trial's process imports this
     module to run `_trial` and needs neither."""
+    from orchestrator.pairs import RunInputs
     from orchestrator.pipeline import encode_inputs, load_splits, model_dir, start_teachers, unlabeled_inputs
-    from workers.families import load_processor
 
     spec, cfg, plan = sweep.spec, sweep.base, sweep.plan
     from_run = Path(spec.from_run).resolve()
@@ -70,8 +73,9 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     unlabeled, _ = unlabeled_inputs(cfg, [plan], from_run, splits)
     teacher_cpus = len(plan.teachers) * cfg.teachers.replicas * cfg.teachers.num_cpus
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
-    processor = load_processor(init_dir)
-    encoded = encode_inputs(splits, unlabeled, processor)
+    levels = {plan.level: init_dir} | {t["level"]: model_dir(from_run, t["stage"]) for t in plan.teachers}
+    inputs = RunInputs(cfg, [plan], levels, first=plan.level)
+    encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
     source = "train" if plan.kind == "direct" else "train_kd"  # as in `hkd run`: only distillation sees unlabelled
     train_ds, val_ds = encoded[source], encoded["val"]
     pools: dict = {}
@@ -81,9 +85,10 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
         log_params(flatten({"sweep": spec.model_dump(exclude={"space"}),
                             "space": {k: d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
         try:
-            pool_names = start_teachers(cfg, from_run, plan, init_dir, pools)
+            pool_names = start_teachers(cfg, from_run, plan, pools)
             ctx = TrialContext(sweep, init_dir, out_dir, pool_names, cache_root(cfg, from_run), splits[source], uri,
-                               parent.info.experiment_id, parent.info.run_id)
+                               parent.info.experiment_id, parent.info.run_id, inputs.stage_teachers(plan),
+                               {inputs.prefixes[lv]: d for lv, d in levels.items() if inputs.prefixes[lv]})
             results = _tuner(sweep, ctx, train_ds, val_ds, teacher_cpus).fit()
             teacher_units = sum(i["served_units"] for pool in pools.values() for i in pool.info())
         finally:
@@ -144,13 +149,13 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
 
     cfg, plan = ctx.sweep.trial_config(values)
     trial_id = tune.get_context().get_trial_id()
-    loss = stage_loss(cfg, plan, ctx.pool_names, ctx.cache_root)
+    loss = stage_loss(cfg, plan, ctx.pool_names, ctx.cache_root, ctx.pairs)
     client = MlflowClient(ctx.uri)
     run_id = client.create_run(ctx.experiment_id, run_name=f"trial-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_id, "trial_id": trial_id, "stage": plan.name}).info.run_id
     log_params(flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss_params(loss)}), client, run_id)
     try:
-        sets = train_datasets(train_ds, augmented_epochs(cfg, plan.train, ctx.records, ctx.init_dir))
+        sets = train_datasets(train_ds, _augmented(cfg, plan, ctx))
         job = stage_job(cfg, plan, ctx.init_dir, ctx.out_dir / "trials" / trial_id, loss, sets, train_ds.count(),
                         {"uri": ctx.uri, "run_id": run_id})
         result = fit_stage(f"{plan.name}-{trial_id}", job, sets, val_ds, cfg.resources, ctx.out_dir / "train",
@@ -163,6 +168,16 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
                                       for k, v in result.items() if isinstance(v, (int, float))])
     client.set_terminated(run_id, "FINISHED")
     return result
+
+
+def _augmented(cfg: RunConfig, plan: StagePlan, ctx: TrialContext) -> list[ray.data.Dataset] | None:
+    """The trial's augmented epochs, encoded as the sweep's splits (processors loaded only when augmenting)."""
+    if not cfg.augment.enabled:
+        return None
+    from workers.families import load_processor
+
+    return augmented_epochs(cfg, plan.train, ctx.records, load_processor(ctx.init_dir),
+                            {prefix: load_processor(d) for prefix, d in ctx.also_dirs.items()})
 
 
 def _summarize(sweep: Sweep, results: tune.ResultGrid, ctx: TrialContext, teacher_units: int,

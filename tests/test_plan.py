@@ -91,7 +91,8 @@ def test_internvl_pyramid_plan_fits():
     assert problems == ["teacher M ×2: needs 30.2 GB, its GPU share allows 30.0 GB"]
 
 
-@pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3)])
+@pytest.mark.parametrize("family, appended", [("qwen2_5_vl", 0), ("idefics3", 4), ("smolvlm", 4), ("gemma3", 3),
+                                             ("internvl", 4)])
 def test_tiny_level_planned_with_its_familys_own_tokenizer(family, appended):
     """A family that appends its image tokens to the shared tokenizer is planned with them: the tokenizer check
     compares what each level's processor will really hold."""

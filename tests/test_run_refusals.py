@@ -111,10 +111,13 @@ def test_incomplete_level_model_dir_refused(tmp_path, capsys, tiny_model_dir):
     assert f"levels.S.path: {broken}: not a complete model dir (model.safetensors missing)" in err
 
 
-def test_tokenizer_mismatch_refused_before_training(tmp_path, capsys, tiny_model_dir):
+def test_top_k_kd_across_tokenizers_refused_before_training(tmp_path, capsys, tiny_model_dir):
+    """Two tokenizers: `auto` distils over the label words; asking for top-k over a vocabulary they do not share
+    is refused, saying what applies."""
     other = build_level(tmp_path / "other", TINY, build_tokenizer(synth.sample_texts(20, seed=3), vocab_size=600),
                         image_size=112)
-    extra = "ppod: {enabled: true, stages: [{student: S, teachers: [{level: L}]}]}"
+    extra = "ppod: {enabled: true, kd_over: top_k, stages: [{student: S, teachers: [{level: L}]}]}"
     levels = f"{{L: {{path: '{tiny_model_dir}'}}, S: {{path: '{other}'}}}}"
     err = _refused(tmp_path, capsys, _config(tmp_path, extra, levels=levels, direct="L"))
-    assert "levels.L / levels.S: tokenizer mismatch" in err
+    assert "ppod.kd_over: top_k needs one shared tokenizer, but levels.L (teacher of S+PPOD) has 512 tokens" in err
+    assert "levels.S 600 tokens" in err and "label-word KD is what applies across tokenizers" in err

@@ -18,9 +18,21 @@ UNLABELED_USES: tuple[str, ...] = ("kd", "pseudo_labels", "gold_labels")
 
 
 @dataclass(frozen=True)
+class TeacherInputs:
+    """A teacher's own encoding of the stage's records, for a teacher whose processor differs from the student's:
+    its columns in the stage's datasets carry `prefix`, and batch with its tokenizer's pad and image token ids."""
+
+    prefix: str
+    pad_id: int
+    image_token_id: int
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     """One teacher of a stage: the trained stage it is, the actor pool serving it, its KD weight and
-    temperature, and whether its KD term is coupled (per-sample trust weights, TCRD)."""
+    temperature, whether its KD term is coupled (per-sample trust weights, TCRD), whether it runs over the two
+    label words (`label_words`: a teacher with another tokenizer) rather than top-k + tail, and its own
+    inputs (None: it reads the student's batch)."""
 
     stage: str
     level: str
@@ -29,6 +41,8 @@ class TeacherSpec:
     weight: float
     temperature: float
     coupled: bool
+    label_words: bool
+    inputs: TeacherInputs | None
 
     @property
     def tag(self) -> str:
@@ -106,7 +120,8 @@ class StageJob:
     train_sets: the Ray Train dataset names, one per epoch when augmenting (the last one repeats);
     n_units: training records per epoch (sets the step count: a unit is a record, one forward each);
     tracking: {uri, run_id} of the stage's MLflow run;
-    progress: the file rank 0 writes its step count to (the driver's step bar)."""
+    progress: the file rank 0 writes its step count to (the driver's step bar);
+    inputs: the column prefix of the student's encoding in the datasets ("": the unprefixed columns)."""
 
     model_dir: str
     out_dir: str
@@ -119,3 +134,4 @@ class StageJob:
     tracking: dict | None
     progress: str | None
     trust_remote_code: bool
+    inputs: str

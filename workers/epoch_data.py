@@ -15,30 +15,33 @@ import ray.data
 from transformers import ProcessorMixin
 
 from workers.augment import AugmentConfig, augment_record
-from workers.prompts import encode_records, record_units
+from workers.prompts import encode_with, record_units
 
 RECORDS_PER_TASK = 16
 
 
 def encode_augmented(batch: dict[str, np.ndarray], processor: ProcessorMixin, epoch: int, seed: int,
-                     cfg: AugmentConfig) -> dict[str, np.ndarray]:
-    """Ray Data map over JSON-encoded records: the same (record id, epoch, seed, cfg) gives the same rows."""
+                     cfg: AugmentConfig, also: dict[str, ProcessorMixin] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data map over JSON-encoded records: the same (record id, epoch, seed, cfg) gives the same rows, encoded
+    by `processor` and by each of `also` under its prefix (`workers.prompts.encode_with`)."""
     units = []
     for blob in batch["record"]:
         aug = augment_record(json.loads(blob), epoch, seed, cfg)  # image in memory: nothing written
         # the augmented record's option order is its label order: shuffled options keep their labels
         (unit,) = record_units([{**aug, "image": aug["source_image"]}])
         units.append({**unit, "image_array": aug["image_array"], "aug_key": aug["aug_key"]})
-    out = encode_records(units, processor)
-    out["aug_key"] = np.array([u["aug_key"] for u in units])
+    out = encode_with(units, processor, also)
+    for prefix in ["", *(also or {})]:
+        out[prefix + "aug_key"] = np.array([u["aug_key"] for u in units])
     return out
 
 
 def epoch_datasets(records: list[dict], processor: ProcessorMixin, epochs: int, seed: int,
-                   cfg: AugmentConfig) -> list[ray.data.Dataset]:
+                   cfg: AugmentConfig, also: dict[str, ProcessorMixin] | None = None) -> list[ray.data.Dataset]:
     """One lazy dataset per epoch (records go as JSON strings: Arrow cannot type the mixed `facts` field)."""
     rows = [{"record": json.dumps(r)} for r in records]
     return [ray.data.from_items(rows).map_batches(
-                encode_augmented, fn_kwargs={"processor": processor, "epoch": e, "seed": seed, "cfg": cfg},
+                encode_augmented, fn_kwargs={"processor": processor, "epoch": e, "seed": seed, "cfg": cfg,
+                                             "also": also},
                 batch_size=RECORDS_PER_TASK, batch_format="numpy")
             for e in range(epochs)]

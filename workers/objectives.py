@@ -8,9 +8,11 @@
   `losses.coupling_weights` (how far that teacher agrees with the ground truth), so a wrong teacher does not
   pull the student; `coupled: false` is the uncoupled ablation.
 
-KD_t is the stage's `kd_loss` (forward KL, reverse KL or JSD with `beta`) over the teacher's top-k + tail
-buckets, the only form a teacher sends. CE and the coupled terms use the labelled positions only; the
-unlabelled ones (target -1) get their own KD-only term, `unlabeled_weight` · Σ_t weight_t · KD_t.
+KD_t is the stage's `kd_loss` (forward KL, reverse KL or JSD with `beta`) over what the teacher sends: its
+top-k + tail buckets of the shared vocabulary, or, from a teacher with another tokenizer
+(`TeacherSpec.label_words`), its answer distribution over the two label words, against the student's over its
+own label-word ids. CE and the coupled terms use the labelled positions only; the unlabelled ones (target -1)
+get their own KD-only term, `unlabeled_weight` · Σ_t weight_t · KD_t.
 `StageObjective` picks the function of the stage's kind.
 """
 
@@ -22,20 +24,35 @@ import torch
 
 from workers.contract import StageLossConfig, TeacherSpec
 from workers.inference import target_token_ids
-from workers.losses import coupling_weights, cross_entropy, topk_forward_kl, topk_jsd, topk_reverse_kl
+from workers.losses import (coupling_weights, cross_entropy, forward_kl, jsd, reverse_kl, topk_forward_kl, topk_jsd,
+                            topk_reverse_kl)
 
 LossAndTerms = tuple[torch.Tensor, dict[str, float]]
 
 
 def kd_divergence(logits: torch.Tensor, out: dict, temperature: float, cfg: StageLossConfig,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The stage's divergence between one teacher's top-k + tail outputs and the student's logits, times T²."""
+                  label_ids: tuple[int, int], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The stage's divergence between one teacher's outputs and the student's logits, times T²: over the
+    teacher's top-k + tail buckets, or, when it sent only its label-word logits, over the two label words."""
+    if "topk_ids" not in out:
+        return label_word_divergence(logits[:, list(label_ids)], out["label_logits"], temperature, cfg, weights)
     args = (logits, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"])
     if cfg.kd_loss == "forward_kl":
         return topk_forward_kl(*args, temperature=temperature, weights=weights)
     if cfg.kd_loss == "reverse_kl":
         return topk_reverse_kl(*args, temperature=temperature, weights=weights)
     return topk_jsd(*args, beta=cfg.beta, temperature=temperature, weights=weights)
+
+
+def label_word_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float, cfg: StageLossConfig,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The stage's divergence between two answer distributions over (positive, negative) label-word logits
+    [P, 2]: exact across tokenizers, as each side scores the same two words with its own ids."""
+    if cfg.kd_loss == "forward_kl":
+        return forward_kl(student, teacher, temperature=temperature, weights=weights)
+    if cfg.kd_loss == "reverse_kl":
+        return reverse_kl(student, teacher, temperature=temperature, weights=weights)
+    return jsd(student, teacher, beta=cfg.beta, temperature=temperature, weights=weights)
 
 
 def direct_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
@@ -61,7 +78,7 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list
         for teacher, out in zip(cfg.teachers, teacher_outs):
             out = {k: at(v, labelled) for k, v in out.items()}
             weights = coupling(teacher, out, at(targets, labelled), cfg.sharpness, terms)
-            kd = kd_divergence(at(logits, labelled), out, teacher.temperature, cfg, weights)
+            kd = kd_divergence(at(logits, labelled), out, teacher.temperature, cfg, label_ids, weights)
             loss = loss + teacher.weight * kd
             terms[f"loss_kd_{teacher.tag}"] = kd.item()
     return unlabeled_term(loss, logits, targets, teacher_outs, cfg, label_ids, terms), terms
@@ -80,7 +97,8 @@ def unlabeled_term(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tens
         decision = teacher_outs[cfg.top_teacher]["label_logits"][unlabelled]
         term = cross_entropy(student, target_token_ids((decision[:, 0] >= decision[:, 1]).long(), label_ids))
     else:
-        term = sum(t.weight * kd_divergence(student, {k: v[unlabelled] for k, v in out.items()}, t.temperature, cfg)
+        term = sum(t.weight * kd_divergence(student, {k: v[unlabelled] for k, v in out.items()}, t.temperature, cfg,
+                                            label_ids)
                    for t, out in zip(cfg.teachers, teacher_outs))
     terms.update(loss_unlabeled=term.item(), unlabeled_positions=float(unlabelled.sum().item()))
     return loss + cfg.unlabeled_weight * term

@@ -88,6 +88,23 @@ def _as_rows(units: dict[str, np.ndarray] | list[dict]) -> list[dict]:
     return [{k: v[i] for k, v in units.items()} for i in range(n)]
 
 
+def encode_with(units: dict[str, np.ndarray] | list[dict], processor: ProcessorMixin,
+                also: dict[str, ProcessorMixin] | None = None) -> dict[str, np.ndarray]:
+    """`encode_records` with the run's first processor, plus each other processor's encoding of the same records
+    under its column prefix (`also`: prefix → processor; a run whose levels read different inputs)."""
+    out = encode_records(units, processor)
+    for prefix, other in (also or {}).items():
+        out.update({prefix + k: v for k, v in encode_records(units, other).items()})
+    return out
+
+
+def prefixed(batch: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """One encoding's columns of a batch, under the names `collate_records` reads ("": the unprefixed ones)."""
+    if not prefix:
+        return batch
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
 def collate_records(batch: dict[str, np.ndarray], pad_id: int, image_token_id: int) -> dict:
     """Left-pad a column batch of encoded records into model inputs, plus, per supervised position, its
     (row, column) in the padded batch (`positions`, [P, 2]), `target` [P], `slot` [P] (option index) and

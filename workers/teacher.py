@@ -51,13 +51,17 @@ def from_wire(out: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def wire_outputs(logits: torch.Tensor, label_ids: tuple[int, int], k: int,
                  temperature: float) -> dict[str, np.ndarray]:
-    """What a teacher sends for [P, V] supervised-position logits: top-k + tail at T, raw label logits."""
+    """What a teacher sends for [P, V] supervised-position logits: top-k + tail at T and the raw label-word
+    logits; with k = 0 (a student with another tokenizer: label-word KD) the label-word logits alone."""
+    label_logits = logits[:, list(label_ids)].float().cpu().numpy()
+    if k == 0:
+        return {"label_logits": label_logits}
     topk_logprobs, topk_ids, tail = teacher_topk(logits, k, temperature)
     return {
         "topk_logprobs": topk_logprobs.cpu().numpy(),
         "topk_ids": topk_ids.cpu().numpy(),
         "tail_logprob": tail.cpu().numpy(),
-        "label_logits": logits[:, list(label_ids)].float().cpu().numpy(),
+        "label_logits": label_logits,
     }
 
 

@@ -3,7 +3,7 @@
 Layout: `<root>/<teacher fingerprint>/k<k>-T<temperature>/<sha256[:32]>.arrow`. The fingerprint hashes the
 teacher dir's config and weights (`teacher.dir_fingerprint`), so a changed teacher can never hit old
 entries; k and the temperature name what was stored (top-k log-probs at T need the full vocabulary, which
-never leaves the teacher). Within a namespace, each row is one supervised position, keyed by
+never leaves the teacher; k = 0 stores the label-word logits alone, what a student with another tokenizer uses). Within a namespace, each row is one supervised position, keyed by
 `<record id>#<slot>|<aug_key>` (`teacher_requests.position_keys`; `aug_key` names the record id, epoch, seed and
 augmentation config; "" for an un-augmented record).
 
@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 FIELDS = ("topk_logprobs", "topk_ids", "tail_logprob", "label_logits")
+LABEL_FIELDS = ("label_logits",)  # k = 0: label-word KD (`teacher.wire_outputs`)
 SUFFIX = ".arrow"
 
 
@@ -60,6 +61,7 @@ class TeacherCache:
                  refresh_every_s: float = 10.0):
         self.fs, self.root = _filesystem(root)
         self.dir = f"{self.root}/{fingerprint}/k{k}-T{float(temperature)!r}"
+        self.fields = FIELDS if k else LABEL_FIELDS
         self.fs.create_dir(self.dir, recursive=True)
         self.max_bytes, self.refresh_every_s = max_bytes, refresh_every_s
         self.stats = CacheStats()
@@ -90,7 +92,7 @@ class TeacherCache:
 
     def put(self, keys: list[str], outputs: dict[str, np.ndarray]) -> None:
         """Store fresh teacher outputs for `keys` (rows in order) as one shard, then enforce the limit."""
-        data = _serialize(keys, outputs)
+        data = _serialize(keys, outputs, self.fields)
         name = hashlib.sha256(data).hexdigest()[:32] + SUFFIX
         tmp = f"{self.dir}/.{name}.{uuid.uuid4().hex}.tmp"
         with self.fs.open_output_stream(tmp) as out:
@@ -98,7 +100,7 @@ class TeacherCache:
         self.fs.move(tmp, f"{self.dir}/{name}")
         self.loaded.add(name)
         for i, key in enumerate(keys):
-            self.rows[key] = {f: np.asarray(outputs[f][i]) for f in FIELDS}
+            self.rows[key] = {f: np.asarray(outputs[f][i]) for f in self.fields}
         self.stats.bytes_written += len(data)
         self.total_bytes += len(data)
         if self.total_bytes > self.max_bytes:
@@ -121,30 +123,31 @@ class TeacherCache:
     def _load(self, path: str, name: str) -> None:
         with self.fs.open_input_stream(path) as src:
             data = src.read()
-        table = _verified_table(data, name)
+        table = _verified_table(data, name, self.fields)
         if table is None:
             self.stats.corrupt_shards += 1
             _delete(self.fs, path)  # recomputed and rewritten by whoever misses these keys next
             return
         self.stats.bytes_read += len(data)
-        columns = {f: _column(table, f) for f in FIELDS}
+        columns = {f: _column(table, f) for f in self.fields}
         for i, key in enumerate(table.column("key").to_pylist()):
-            self.rows.setdefault(key, {f: columns[f][i] for f in FIELDS})
+            self.rows.setdefault(key, {f: columns[f][i] for f in self.fields})
 
     def _root_bytes(self) -> int:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         return sum(i.size for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(SUFFIX))
 
 
-def merge(found: list[dict[str, np.ndarray] | None], fresh: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+def merge(found: list[dict[str, np.ndarray] | None], fresh: dict[str, np.ndarray] | None,
+          fields: tuple[str, ...] = FIELDS) -> dict[str, np.ndarray]:
     """Batch outputs in key order: cached rows where found, `fresh` rows (in order) for the misses."""
     rows, j = [], 0
     for row in found:
         if row is None:
-            row = {f: fresh[f][j] for f in FIELDS}
+            row = {f: fresh[f][j] for f in fields}
             j += 1
         rows.append(row)
-    return {f: np.stack([r[f] for r in rows]) for f in FIELDS}
+    return {f: np.stack([r[f] for r in rows]) for f in fields}
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -154,20 +157,20 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(root).resolve())
 
 
-def _serialize(keys: list[str], outputs: dict[str, np.ndarray]) -> bytes:
+def _serialize(keys: list[str], outputs: dict[str, np.ndarray], fields: tuple[str, ...]) -> bytes:
     arrays = [pa.array(keys, pa.string())]
-    for f in FIELDS:
+    for f in fields:
         values = np.ascontiguousarray(outputs[f])
         flat = pa.array(values.reshape(-1))
         arrays.append(flat if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
-    table = pa.Table.from_arrays(arrays, names=["key", *FIELDS])
+    table = pa.Table.from_arrays(arrays, names=["key", *fields])
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
-def _verified_table(data: bytes, name: str) -> pa.Table | None:
+def _verified_table(data: bytes, name: str, fields: tuple[str, ...]) -> pa.Table | None:
     """The shard's table when its bytes hash to its name and parse; None when truncated or corrupted."""
     if hashlib.sha256(data).hexdigest()[:32] != name.removesuffix(SUFFIX):
         return None
@@ -175,7 +178,7 @@ def _verified_table(data: bytes, name: str) -> pa.Table | None:
         table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
     except (pa.ArrowInvalid, OSError):
         return None
-    return table if set(FIELDS) <= set(table.column_names) else None
+    return table if set(fields) <= set(table.column_names) else None
 
 
 def _column(table: pa.Table, field: str) -> np.ndarray:

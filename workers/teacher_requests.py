@@ -5,6 +5,11 @@ behind student compute; each batch carries its own requests, so outputs never cr
 (`StageLossConfig.cache`), each teacher's cache is asked first, per supervised position (key
 `"<record id>#<slot>|<aug_key>"`); a record with any missing position goes to the teacher whole (one forward
 per record), and all its positions' answers are stored for later epochs and trials.
+
+A teacher whose processor differs from the student's gets its own encoding of the batch's records
+(`batch["teacher_inputs"]`, collated by the train loop): the same records in the same order with one supervised
+position per option or claim in every family, so its answers line up with the student's positions. A teacher
+with another tokenizer (`label_words`) is asked for its label-word logits alone (k = 0).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from workers.contract import StageLossConfig
+from workers.contract import StageLossConfig, TeacherSpec
 from workers.inference import to_device
 
 
@@ -40,27 +45,33 @@ class TeacherRequests:
 
         pools = [TeacherPool.connect(t.pool, t.replicas) for t in self.cfg.teachers]
         if self.cfg.cache and not self.caches:
-            self.caches = [self._open_cache(pool, t.temperature) for t, pool in zip(self.cfg.teachers, pools)]
+            self.caches = [self._open_cache(pool, self.k(t), t.temperature)
+                           for t, pool in zip(self.cfg.teachers, pools)]
         queue: deque = deque()
         for batch in batches:
-            queue.append((batch, [self._request(batch, pool, t.temperature, i)
+            queue.append((batch, [self._request(batch, pool, t, i)
                                   for i, (t, pool) in enumerate(zip(self.cfg.teachers, pools))]))
             if len(queue) > self.cfg.prefetch:
                 yield queue.popleft()
         yield from queue
 
-    def _open_cache(self, pool, temperature: float):
+    def k(self, teacher: TeacherSpec) -> int:
+        """Top-k entries the teacher sends: none (its label-word logits alone) for label-word KD."""
+        return 0 if teacher.label_words else self.cfg.k
+
+    def _open_cache(self, pool, k: int, temperature: float):
         import ray
 
         from workers.teacher_cache import TeacherCache
 
         fingerprint = ray.get(pool.handles[0].fingerprint.remote())  # hashed once per actor
-        return TeacherCache(self.cfg.cache.root, fingerprint, self.cfg.k, temperature, self.cfg.cache.max_bytes)
+        return TeacherCache(self.cfg.cache.root, fingerprint, k, temperature, self.cfg.cache.max_bytes)
 
-    def _request(self, batch: dict, pool, temperature: float, index: int) -> TeacherRequest:
+    def _request(self, batch: dict, pool, teacher: TeacherSpec, index: int) -> TeacherRequest:
         from workers.prompts import select_rows
         from workers.teacher import to_numpy_inputs
 
+        inputs = teacher_batch(batch, teacher)
         cache = self.caches[index] if self.caches else None
         keys = position_keys(batch)
         found = cache.get(keys) if cache else [None] * len(keys)
@@ -73,8 +84,8 @@ class TeacherRequests:
         send = None
         if missing:
             whole = len(resend) == len(batch["input_ids"])
-            wire = to_numpy_inputs(batch if whole else select_rows(batch, sorted(resend)))
-            send = functools.partial(pool.submit, wire, self.cfg.k, temperature)  # again on a teacher crash
+            wire = to_numpy_inputs(inputs if whole else select_rows(inputs, sorted(resend)))
+            send = functools.partial(pool.submit, wire, self.k(teacher), teacher.temperature)  # again on a crash
             self.teacher_calls += 1
             self.teacher_units += len(missing)
         return TeacherRequest(cache, keys, found, missing, store, send, self.cfg.call_retries, self._count_resend)
@@ -102,6 +113,18 @@ class TeacherRequests:
             for key, value in cache.stats.as_metrics().items():
                 out[key] = out.get(key, 0.0) + value
         return out
+
+
+def teacher_batch(batch: dict, teacher: TeacherSpec) -> dict:
+    """What the teacher reads: the student's batch, or its own encoding of the same records, which must have
+    the same supervised positions row by row (checked: a mismatch would pair answers with the wrong options)."""
+    if teacher.inputs is None:
+        return batch
+    own = batch["teacher_inputs"][teacher.inputs.prefix]
+    if not torch.equal(own["positions"][:, 0], batch["positions"][:, 0].cpu()) or own["uid"] != batch["uid"]:
+        raise ValueError(f"teacher {teacher.stage}: its encoding of the batch has other records or positions "
+                         "than the student's")
+    return own
 
 
 def position_keys(batch: dict) -> list[str]:
@@ -138,7 +161,7 @@ class TeacherRequest:
         if fresh is not None:
             new = np.flatnonzero(self.store)
             self.cache.put([self.keys[self.missing[j]] for j in new], {f: v[new] for f, v in fresh.items()})
-        return merge(self.found, fresh)
+        return merge(self.found, fresh, self.cache.fields)
 
     def _fetch(self) -> dict[str, np.ndarray]:
         import ray

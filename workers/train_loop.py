@@ -23,7 +23,7 @@ from workers.lora import add_lora
 from workers.models import label_word_ids, load_model_dir, save_model_dir
 from workers.objectives import StageObjective
 from workers.optim import adamw, set_lr, update
-from workers.prompts import collate_records
+from workers.prompts import collate_records, prefixed
 from workers.step_log import StepLogger, Throughput, summed
 from workers.teacher_requests import TeacherRequests
 
@@ -82,12 +82,21 @@ class StageRun:
         shard = self.dataset(sets[min(epoch, len(sets) - 1)])
         raw_batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
                                          drop_last=True)
-        pad_id, image_id = self.processor.tokenizer.pad_token_id, self.model.config.image_token_id
-        batches = (to_device(collate_records(raw, pad_id, image_id), self.device)
-                   for raw in itertools.islice(raw_batches, epoch_end - self.step))
+        batches = (self.collate(raw) for raw in itertools.islice(raw_batches, epoch_end - self.step))
         self.throughput.resume()
         for batch, pending in self.requests.with_teacher_outputs(batches):
             self.train_step(batch, pending)
+
+    def collate(self, raw: dict) -> dict:
+        """The student's batch of its own encoding, on its device; with `teacher_inputs` (by prefix) when a
+        teacher reads its own encoding of the same records (on the CPU: it goes to the wire)."""
+        pad_id, image_id = self.processor.tokenizer.pad_token_id, self.model.config.image_token_id
+        batch = to_device(collate_records(prefixed(raw, self.job.inputs), pad_id, image_id), self.device)
+        own = {t.inputs for t in self.job.loss.teachers if t.inputs is not None}
+        if own:
+            batch["teacher_inputs"] = {i.prefix: collate_records(prefixed(raw, i.prefix), i.pad_id, i.image_token_id)
+                                       for i in own}
+        return batch
 
     def train_step(self, batch: dict, pending: list) -> None:
         """Wait for the batch's teacher outputs, then one optimizer step on the stage's objective."""
@@ -139,18 +148,18 @@ class StageRun:
             return {}
         if self.scored_at != self.step:
             self.val = evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size,
-                                      self.dataset("val"))
+                                      self.dataset("val"), self.job.inputs)
             self.scored_at = self.step
             self.logger.log(self.step, {f"val/{k}": v for k, v in self.val.items()}, every=1)
         return self.val
 
 
 def evaluate_rank0(model: torch.nn.Module, processor: ProcessorMixin, label_ids: tuple[int, int],
-                   batch_size: int, val: DataIterator) -> dict[str, float]:
-    """Metrics per task on the whole validation split `val` (rank 0 reads it unsplit), one entry per supervised
-    position with that position's task."""
+                   batch_size: int, val: DataIterator, inputs: str = "") -> dict[str, float]:
+    """Metrics per task on the whole validation split `val` (rank 0 reads it unsplit, the encoding under column
+    prefix `inputs`), one entry per supervised position with that position's task."""
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
-    batches = (to_device(collate_records(raw, pad_id, image_id), model.device)
+    batches = (to_device(collate_records(prefixed(raw, inputs), pad_id, image_id), model.device)
                for raw in val.iter_batches(batch_size=batch_size * 2, batch_format="numpy"))
     pred = predict(model, batches, label_ids)
     return task_metrics(pred, pred["task"])
