@@ -70,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the method with each part switched off (ablation/<variant>/) and tabulate")
     r.set_defaults(func=_run)
 
-    pl = sub.add_parser("plan", help="check tokenizer sharing, placement and GPU memory without weights")
+    pl = sub.add_parser("plan", help="check each teacher→student pair's KD, placement and GPU memory without "
+                                     "weights")
     pl.add_argument("config")
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    pl.add_argument("--model-configs", help="dir of mirrored config.json files named after hub checkpoints, "
-                                            "plus tokenizer.json facts (e.g. configs/qwen2_5_vl)")
+    pl.add_argument("--model-configs", action="append", default=[],
+                    help="dir of mirrored config.json files named after hub checkpoints, plus their tokenizer.json "
+                         "facts (e.g. configs/qwen2_5_vl); repeat it for a pyramid of several families")
     pl.add_argument("--cluster", help="a cluster.yaml whose node types must hold the placement")
     pl.set_defaults(func=_plan)
 
@@ -185,8 +187,7 @@ def _plan(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     from orchestrator.plan import format_table, plan_run
 
-    rows, problems = plan_run(cfg, Path(args.model_configs) if args.model_configs else None,
-                              Path(args.cluster) if args.cluster else None)
+    rows, problems = plan_run(cfg, [Path(d) for d in args.model_configs], Path(args.cluster) if args.cluster else None)
     print(format_table(rows, cfg.placement.gpu_memory_gb))
     if problems:
         raise ConfigError(f"{args.config}: the plan does not fit:\n  " + "\n  ".join(problems))

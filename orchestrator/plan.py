@@ -42,7 +42,7 @@ class Level:
     tokenizer: tuple[int, tuple[int, int]]  # (length, label-word ids)
 
 
-def plan_run(cfg: RunConfig, model_configs: Path | None = None,
+def plan_run(cfg: RunConfig, model_configs: list[Path] = (),
              cluster: Path | None = None) -> tuple[list[dict], list[str]]:
     """Rows of the memory table and the list of problems (empty: the run fits as configured)."""
     levels = {name: _level(cfg, name, model_configs) for name in cfg.levels}
@@ -61,7 +61,7 @@ def plan_run(cfg: RunConfig, model_configs: Path | None = None,
     return rows, problems
 
 
-def _level(cfg: RunConfig, name: str, model_configs: Path | None) -> Level:
+def _level(cfg: RunConfig, name: str, model_configs: list[Path]) -> Level:
     lc = cfg.levels[name]
     if lc.path is None:
         shape = LevelShape(**lc.shape_fields())
@@ -84,8 +84,9 @@ def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return build_tokenizer(synth.sample_texts(300), vocab_size=vocab_size)
 
 
-def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[PretrainedConfig, tuple]:
-    """A checkpoint's config and tokenizer facts: its own dir, else the mirror, else the hub (config only)."""
+def _hf_config(name: str, path: str, model_configs: list[Path]) -> tuple[PretrainedConfig, tuple]:
+    """A checkpoint's config and tokenizer facts: its own dir, else its mirror (the first of `model_configs` that
+    has `<checkpoint name>.json`, with the tokenizer facts beside it), else the hub (config only)."""
     local = Path(path)
     if (local / "config.json").is_file():
         tokenizer = load_processor(local).tokenizer
@@ -93,17 +94,18 @@ def _hf_config(name: str, path: str, model_configs: Path | None) -> tuple[Pretra
             return AutoConfig.from_pretrained(local), (len(tokenizer), label_word_ids(tokenizer))
         except ValueError as err:  # a label word that is not one token
             raise ConfigError(f"levels.{name}: {err} ({local})") from None
-    mirror = model_configs / f"{local.name}.json" if model_configs else None
-    if mirror is None or not mirror.is_file():
+    mirrors = [d for d in model_configs if (d / f"{local.name}.json").is_file()]
+    if mirrors:
+        config = AutoConfig.for_model(**json.loads((mirrors[0] / f"{local.name}.json").read_text()))
+    else:
         try:
             config = AutoConfig.from_pretrained(path)
         except OSError as err:
+            looked = ", ".join(str(d) for d in model_configs) or "not given"
             raise ConfigError(f"levels.{name}.path: {path} is neither a model dir nor mirrored in "
-                              f"--model-configs ({mirror or 'not given'}), and the hub is unreachable: {err}") from None
-    else:
-        config = AutoConfig.for_model(**json.loads(mirror.read_text()))
-    facts_file = model_configs / TOKENIZER_FACTS if model_configs else None
-    if facts_file is None or not facts_file.is_file():
+                              f"--model-configs ({looked}), and the hub is unreachable: {err}") from None
+    facts_file = next((d / TOKENIZER_FACTS for d in mirrors or model_configs if (d / TOKENIZER_FACTS).is_file()), None)
+    if facts_file is None:
         raise ConfigError(f"levels.{name}.path: no local tokenizer for {path}; give --model-configs with "
                           f"{TOKENIZER_FACTS} (its length and label-word ids)")
     facts = json.loads(facts_file.read_text())

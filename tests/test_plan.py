@@ -21,7 +21,7 @@ PUBLISHED = {"L": 33.5e9, "M": 8.29e9, "S": 3.75e9}
 
 
 def test_qwen_pyramid_plan_fits():
-    rows, problems = plan_run(load_config(CONFIG), MIRRORS, ROOT / "cluster.yaml")
+    rows, problems = plan_run(load_config(CONFIG), [MIRRORS], ROOT / "cluster.yaml")
     assert problems == []
     table = format_table(rows, 141)
     assert "teacher M ×2" in table and "train S+PPOD+TCRD ×8" in table
@@ -35,59 +35,48 @@ def test_qwen_pyramid_plan_fits():
     assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
 
 
-def test_qwen3_vl_pyramid_plan_fits():
-    """32B → 8B → 2B from the mirrored Qwen3-VL configs: Hugging Face's published sizes, one tokenizer."""
-    rows, problems = plan_run(load_config(ROOT / "configs" / "qwen3_vl.yaml"), ROOT / "configs" / "qwen3_vl",
-                              ROOT / "cluster.yaml")
+# Each mirrored pyramid (configs/<family>.yaml over configs/<family>/, SOURCES.md there): the sizes Hugging Face
+# publishes for L, M and S, and the embedding rows of its one tokenizer.
+MIRRORED = [("qwen3_vl", (33.4e9, 8.77e9, 2.13e9), 151_936), ("gemma3", (27.4e9, 12.2e9, 4.3e9), 262_208),
+            ("smolvlm", (2.25e9, 507e6, 256e6), 49_280), ("internvl", (38.4e9, 7.94e9, 0.938e9), 151_674)]
+
+
+@pytest.mark.parametrize("family, published, rows", MIRRORED)
+def test_mirrored_pyramid_plan_fits(family, published, rows):
+    """Every process fits its GPU share and the placement fits cluster.yaml; the meta-device builds have the
+    published sizes; one tokenizer, so every pair distils over top-k + tail."""
+    planned, problems = plan_run(load_config(ROOT / "configs" / f"{family}.yaml"), [ROOT / "configs" / family],
+                                 ROOT / "cluster.yaml")
     assert problems == []
-    by_process = {r["process"].split(" ×")[0]: r for r in rows}
-    for process, published in (("train L-direct", 33.4e9), ("train M+PPOD", 8.77e9), ("train S-direct", 2.13e9)):
-        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
-    assert {r["rows"] for r in rows} == {151_936}
-    assert by_process["teacher L"]["need_gb"] <= by_process["teacher L"]["limit_gb"]
+    by_process = {r["process"].split(" ×")[0]: r for r in planned}
+    for process, size in zip(("train L-direct", "train M+PPOD", "train S-direct"), published):
+        assert by_process[process]["params"] == pytest.approx(size, rel=0.01), process
+    assert {r["rows"] for r in planned} == {rows}
+    assert by_process["train M+PPOD"]["kd"] == "top-64 + tail (L)"
 
 
-def test_gemma3_pyramid_plan_fits():
-    """27B → 12B → 4B from the mirrored Gemma 3 configs (configs/gemma3/SOURCES.md): the published sizes, one
-    tokenizer of 262,145 tokens in 262,208 embedding rows."""
-    rows, problems = plan_run(load_config(ROOT / "configs" / "gemma3.yaml"), ROOT / "configs" / "gemma3",
-                              ROOT / "cluster.yaml")
-    assert problems == []
-    by_process = {r["process"].split(" ×")[0]: r for r in rows}
-    for process, published in (("train L-direct", 27.4e9), ("train M+PPOD", 12.2e9), ("train S-direct", 4.3e9)):
-        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
-    assert {r["rows"] for r in rows} == {262_208}
-    assert by_process["teacher M"]["need_gb"] <= by_process["teacher M"]["limit_gb"]
-
-
-def test_smolvlm_pyramid_plan_fits():
-    """SmolVLM2 2.2B → 500M → 256M from the mirrored configs (configs/smolvlm/SOURCES.md): their sizes, one
-    tokenizer of 49,280 tokens; the SmolVLM v1 500M/256M files build the same models under Idefics3's classes."""
-    rows, problems = plan_run(load_config(ROOT / "configs" / "smolvlm.yaml"), ROOT / "configs" / "smolvlm",
-                              ROOT / "cluster.yaml")
-    assert problems == []
-    by_process = {r["process"].split(" ×")[0]: r for r in rows}
-    for process, published in (("train L-direct", 2.25e9), ("train M+PPOD", 507e6), ("train S-direct", 256e6)):
-        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
-    assert {r["rows"] for r in rows} == {49_280}
+def test_smolvlm_v1_files_build_the_same_models_under_idefics3s_classes():
     v1 = load_config(ROOT / "configs" / "smolvlm.yaml", ["levels.M.path=HuggingFaceTB/SmolVLM-500M-Instruct",
                                                          "levels.S.path=HuggingFaceTB/SmolVLM-256M-Instruct"])
-    rows_v1, problems_v1 = plan_run(v1, ROOT / "configs" / "smolvlm")
+    rows_v1, problems_v1 = plan_run(v1, [ROOT / "configs" / "smolvlm"])
+    rows, _ = plan_run(load_config(ROOT / "configs" / "smolvlm.yaml"), [ROOT / "configs" / "smolvlm"])
     assert problems_v1 == [] and [r["params"] for r in rows_v1] == [r["params"] for r in rows]
 
 
-def test_internvl_pyramid_plan_fits():
-    """38B → 8B → 1B from the mirrored InternVL3 -hf configs (configs/internvl/SOURCES.md): the published sizes
-    (untied LM heads), one tokenizer of 151,674 tokens; 14B as M needs half a GPU per teacher replica."""
-    rows, problems = plan_run(load_config(ROOT / "configs" / "internvl.yaml"), ROOT / "configs" / "internvl",
-                              ROOT / "cluster.yaml")
+def test_a_pyramid_of_two_families_distils_over_the_label_words_where_tokenizers_differ():
+    """InternVL3-38B teaching Gemma 3 4B (two tokenizers: label words) and InternVL3-8B (one: top-k), each
+    checkpoint's tokenizer facts from its own mirror dir."""
+    cfg = load_config(ROOT / "configs" / "internvl.yaml", ["levels.S.path=google/gemma-3-4b-it"])
+    rows, problems = plan_run(cfg, [ROOT / "configs" / "internvl", ROOT / "configs" / "gemma3"])
     assert problems == []
-    by_process = {r["process"].split(" ×")[0]: r for r in rows}
-    for process, published in (("train L-direct", 38.4e9), ("train M+PPOD", 7.94e9), ("train S-direct", 0.938e9)):
-        assert by_process[process]["params"] == pytest.approx(published, rel=0.01), process
-    assert {r["rows"] for r in rows} == {151_674}
+    kd = {r["process"].split(" ×")[0]: r["kd"] for r in rows}
+    assert kd["train M+PPOD"] == "top-64 + tail (L)"
+    assert kd["train S+PPOD"] == "label words (M), label words (L)"
+
+
+def test_internvl3_14b_as_m_needs_half_a_gpu_per_teacher_replica():
     cfg = load_config(ROOT / "configs" / "internvl.yaml", ["levels.M.path=OpenGVLab/InternVL3-14B-hf"])
-    _, problems = plan_run(cfg, ROOT / "configs" / "internvl")
+    _, problems = plan_run(cfg, [ROOT / "configs" / "internvl"])
     assert problems == ["teacher M ×2: needs 30.2 GB, its GPU share allows 30.0 GB"]
 
 
