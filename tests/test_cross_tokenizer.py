@@ -1,7 +1,8 @@
 """Distillation across tokenizers (`orchestrator.pairs`): a teacher whose tokenizer differs from its student's
 distils over the answer distribution on the two label words, each side scoring them with its own ids; its
 inputs are its own encoding of the same records; the wire and the cache carry its label-word logits alone.
-A tiny Qwen3-VL teacher distils into a tiny SmolVLM student through Ray Train."""
+Through Ray Train: a tiny Qwen3-VL teacher distils into a tiny SmolVLM student, in one pyramid of all five
+families."""
 
 from __future__ import annotations
 
@@ -159,14 +160,14 @@ def test_label_word_that_is_not_one_token_refused_naming_level_and_word(two_fami
 
 
 # Every family in one run, each level distilled from the one above: tokenizers differ where a family appends other
-# image tokens (label-word KD), Idefics3's and SmolVLM's are one (top-k KD, each reading its own encoding).
-CHAIN = (("L", "qwen3_vl"), ("M", "idefics3"), ("N", "smolvlm"), ("G", "gemma3"), ("I", "internvl"))
+# image tokens (label-word KD), SmolVLM's and Idefics3's are one (top-k KD, each reading its own encoding).
+CHAIN = (("Q", "qwen3_vl"), ("S", "smolvlm"), ("D", "idefics3"), ("G", "gemma3"), ("I", "internvl"))
 CHAIN_CONFIG = f"""
 name: chain
 vocab_size: 512
 data: {{source: synth, synth: {{train: 6, val: 2, test: 2, image_size: 56, max_objects: 3}}}}
 levels: {{{", ".join(f"{lv}: {tiny(fam)}" for lv, fam in CHAIN)}}}
-direct: {{levels: [L], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
+direct: {{levels: [Q], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
 ppod:
   enabled: true
   temperature: 1.0
@@ -181,19 +182,19 @@ resources: {{num_workers: 1, cpus_per_worker: 1}}
 
 
 def test_every_family_distils_into_the_next_through_ray_then_evaluates_and_predicts(tmp_path, capsys):
-    """Direct tuning of a tiny Qwen3-VL, then PPOD level by level into Idefics3, SmolVLM, Gemma 3 and InternVL
+    """Direct tuning of a tiny Qwen3-VL, then PPOD level by level into SmolVLM, Idefics3, Gemma 3 and InternVL
     students, each stage through Ray Train with the level above in a teacher actor; then `hkd evaluate` and
     `hkd predict` on every family's model.
 
-    Across tokenizers (Qwen3-VL → Idefics3): the KD term is finite and falls over the stage (pure KD,
+    Across tokenizers (Qwen3-VL → SmolVLM): the KD term is finite and falls over the stage (pure KD,
     ce_weight 0, the same batches each epoch) and the teacher's answers, on the wire and in the cache, are its two
-    label-word logits per position. Idefics3 → SmolVLM share a tokenizer: top-k + tail, each on its own encoding.
+    label-word logits per position. SmolVLM → Idefics3 share a tokenizer: top-k + tail, each on its own encoding.
     `hkd plan` says which KD each pair gets."""
     config = tmp_path / "chain.yaml"
     config.write_text(CHAIN_CONFIG)
     assert main(["plan", str(config)]) == 0
     plan = capsys.readouterr().out
-    for stage, kd in (("M+PPOD", "label words (L)"), ("N+PPOD", "top-8 + tail (M)"), ("G+PPOD", "label words (N)"),
+    for stage, kd in (("S+PPOD", "label words (Q)"), ("D+PPOD", "top-8 + tail (S)"), ("G+PPOD", "label words (D)"),
                       ("I+PPOD", "label words (G)")):
         assert any(line.startswith(f"train {stage}") and line.endswith(kd) for line in plan.splitlines()), plan
     run_dir = tmp_path / "runs" / "chain"
@@ -201,14 +202,13 @@ def test_every_family_distils_into_the_next_through_ray_then_evaluates_and_predi
         assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     finally:
         ray.shutdown()
-    assert ("KD over the label words (teacher and student tokenizers differ): L-direct→M+PPOD, N+PPOD→G+PPOD, "
+    assert ("KD over the label words (teacher and student tokenizers differ): Q-direct→S+PPOD, D+PPOD→G+PPOD, "
             "G+PPOD→I+PPOD") in capsys.readouterr().out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     (stage,) = client.search_runs([client.get_experiment_by_name("hkd4vlm").experiment_id],
-                                  "attributes.run_name = 'M+PPOD'")
-    kd = [m.value for m in sorted(client.get_metric_history(stage.info.run_id, "loss_kd_L-direct"),
+                                  "attributes.run_name = 'S+PPOD'")
+    kd = [m.value for m in sorted(client.get_metric_history(stage.info.run_id, "loss_kd_Q-direct"),
                                   key=lambda m: m.step)]
-    print(f"Qwen3-VL → Idefics3 KD per step: {kd}")
     per_epoch = len(kd) // 3
     assert len(kd) == 3 * per_epoch >= 3 and all(math.isfinite(v) for v in kd)
     assert np.mean(kd[-per_epoch:]) < np.mean(kd[:per_epoch]), kd
@@ -217,10 +217,10 @@ def test_every_family_distils_into_the_next_through_ray_then_evaluates_and_predi
         ("k8-T1.0", ("key", "topk_logprobs", "topk_ids", "tail_logprob", "label_logits"))]
 
     test_files = [str(run_dir / "data" / t / "test.jsonl") for t in synth.TASKS]
-    for (level, family), stage_name in zip(CHAIN, ["L-direct"] + [f"{lv}+PPOD" for lv, _ in CHAIN[1:]]):
+    for (level, family), stage_name in zip(CHAIN, ["Q-direct"] + [f"{lv}+PPOD" for lv, _ in CHAIN[1:]]):
         model = run_dir / "models" / stage_name.removesuffix("-direct")
         assert family_of(model).name == family
-        if stage_name != "L-direct":
+        if stage_name != "Q-direct":
             distilled = json.loads((run_dir / "stages" / f"{stage_name}.json").read_text())
             assert distilled["val"]["teacher/calls"] >= 1, stage_name  # the actor answered
         capsys.readouterr()

@@ -66,6 +66,26 @@ def test_ray_data_epochs_match_the_direct_map(ray_session, records, tiny_model_d
         assert rows == _rows(_encode(records, processor, epoch))
 
 
+def test_small_split_encoded_in_the_driver_is_the_ray_data_maps(ray_session, records, tiny_model_dir,
+                                                                  monkeypatch):
+    """`encode_split` encodes a split of ≤ DRIVER_ENCODE_RECORDS records in the driver: the same rows, values,
+    dtypes and order as its Ray Data map gives (the map path forced with a limit of 0)."""
+    from orchestrator import stages
+
+    processor = load_processor(tiny_model_dir)
+    here = stages.encode_split(records, processor)
+    monkeypatch.setattr(stages, "DRIVER_ENCODE_RECORDS", 0)
+    mapped = stages.encode_split(records, processor)
+    assert here.count() == mapped.count() == len(records) and here.schema() == mapped.schema()
+    batches = [list(ds.iter_batches(batch_size=5, batch_format="numpy")) for ds in (here, mapped)]
+    for a, b in zip(*batches, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            for x, y in zip(a[key], b[key], strict=True):
+                x, y = np.asarray(x), np.asarray(y)
+                assert x.dtype == y.dtype and np.array_equal(x, y), key
+
+
 def test_teacher_answers_the_batch_the_student_trains_on(ray_session, records, tiny_model_dir):
     """Online distillation on augmented data: the outputs paired with each augmented batch are the teacher's
     answer on that very batch (not on the original images or text)."""
