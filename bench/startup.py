@@ -147,6 +147,12 @@ def ray_child(work: Path, data: Path, model: Path, stages: int) -> dict:
     t = time.time()
     init_ray(res)
     out["ray.init"] = time.time() - t
+    try:  # what `hkd run` does next (a revision before it had no warm workers)
+        from orchestrator.warm_workers import prestart_train_workers
+    except ImportError:
+        pass
+    else:
+        prestart_train_workers(res.num_workers)
     t = time.time()
     recs = splits(data)
     processor = load_processor(model)

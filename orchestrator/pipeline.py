@@ -28,6 +28,7 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode
 from orchestrator.unlabeled import load_unlabeled, mixed
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
+from orchestrator.warm_workers import prestart_train_workers
 from workers import augment, synth
 from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
@@ -48,8 +49,8 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     plans = plan_stages(cfg)
     prints = fingerprints(cfg, plans)
     run_dir = run_dir.resolve()
-    for plan in plans:  # refuse a run dir finished under another config before doing any work
-        stage_done(run_dir / "stages" / f"{plan.name}.json", prints[plan.name])
+    # refuse a run dir finished under another config before doing any work
+    pending = [p for p in plans if not stage_done(run_dir / "stages" / f"{p.name}.json", prints[p.name])]
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     check_reachable(uri)  # before anything of the run is written, not after an hour of training
@@ -62,12 +63,7 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, inputs.kinds, log)
     check_prompt_lengths(cfg, run_dir, inputs, init_dirs)
-    # TCRD runs two teachers at once: reserve room for both.
-    dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
-                         custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
-                         log_dir=run_dir / "logs")
-    if dashboard:
-        log(f"Ray dashboard: {dashboard}")
+    start_ray(cfg, run_dir, bool(pending), log)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
@@ -100,6 +96,17 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
             mlflow.log_artifact(str(path), artifact_path="plots")
     _print_results(report, meta, run_dir, log)
     return report
+
+
+def start_ray(cfg: RunConfig, run_dir: Path, train: bool, log) -> None:
+    """Ray for the run (room for two teachers at once: TCRD's) and, when a stage is left to `train`, the first
+    stage's processes (`orchestrator.warm_workers`), which import the model code while the data is encoded."""
+    dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
+                         custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
+                         log_dir=run_dir / "logs")
+    if dashboard:
+        log(f"Ray dashboard: {dashboard}")
+    prestart_train_workers(cfg.resources.num_workers if train else 0)
 
 
 def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,

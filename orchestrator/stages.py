@@ -74,6 +74,7 @@ def fit_grounding(name: str, init_dir: Path, out_dir: Path, pretrain: PretrainCo
 def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement: Placement | None,
          datasets: dict | None, callbacks: list | None = None) -> dict:
     from orchestrator.trainer import StageTrainer  # imports torch: only where a stage is fitted
+    from orchestrator.warm_workers import prestart_train_workers, worker_runtime_env
 
     if datasets and res.num_workers == 1:  # handed to the one worker directly: no dataset manager actor
         config, datasets = {**config, "iterators": one_worker_iterators(datasets)}, None
@@ -85,6 +86,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
             name=name, storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=res.max_failures), callbacks=callbacks,
+            worker_runtime_env=worker_runtime_env(),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=_to_split(datasets),
@@ -96,6 +98,7 @@ def _fit(loop, name: str, config: dict, res: Resources, storage: Path, placement
         raise StageError(f"stage {name} failed after {res.max_failures} retries: {root_cause(err)}") from err
     if result.error:
         raise StageError(f"stage {name} failed: {root_cause(result.error)}") from result.error
+    prestart_train_workers(res.num_workers)  # the next stage's, importing while the driver tests this one
     return result.return_value or {}
 
 

@@ -29,6 +29,7 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, fit_st
                                  stage_loss, train_datasets)
 from orchestrator.sweep_config import METRIC, MODE, Sweep
 from orchestrator.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
+from orchestrator.warm_workers import prestart_train_workers
 from workers.contract import TeacherInputs
 
 TRIAL_DRIVER_CPUS = 1  # a trial's own process; Tune cannot schedule it with 0 (STACK-NOTES)
@@ -73,6 +74,7 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     unlabeled, _ = unlabeled_inputs(cfg, [plan], from_run, splits)
     teacher_cpus = len(plan.teachers) * cfg.teachers.replicas * cfg.teachers.num_cpus
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
+    prestart_train_workers(cfg.resources.num_workers)  # the first trial's: while the data is encoded
     levels = {plan.level: init_dir} | {t["level"]: model_dir(from_run, t["stage"]) for t in plan.teachers}
     inputs = RunInputs(cfg, [plan], levels, first=plan.level)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)

@@ -20,6 +20,11 @@ from orchestrator.placement import private_ray
 POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
+def set_poll_interval() -> None:
+    """Ray Train hands the interval to the controller and the workers; a value the user exported stays."""
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+
+
 def stage_backend(scaling: ScalingConfig) -> BackendConfig:
     """torch.distributed where there is something to connect: several workers, or a GPU (whose worker
     `TorchConfig` also pins to its device). One CPU worker needs no process group, and without `TorchConfig`
@@ -44,7 +49,7 @@ class StageTrainer(DataParallelTrainer):
       trials a sweep stops are freed by `orchestrator.orphans`. On a cluster it runs as Ray made it."""
 
     def __init__(self, train_loop_per_worker, *, scaling_config: ScalingConfig, **kwargs) -> None:
-        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # Ray Train hands it to controller and workers
+        set_poll_interval()
         super().__init__(train_loop_per_worker, backend_config=stage_backend(scaling_config),
                          scaling_config=scaling_config, **kwargs)
 

@@ -1,0 +1,57 @@
+"""Warm train workers (`orchestrator.warm_workers`): on hkd's private Ray, a stage's worker is a process started
+before the stage, its model code already imported; each stage's fit leaves one for the next."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ray
+
+from orchestrator.config import Resources
+from orchestrator.placement import init_ray
+from orchestrator.stages import _fit
+from orchestrator.warm_workers import HOOK, prestart_train_workers, stage_env
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+
+def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
+    """Ray processes still idle (`ray::IDLE`) whose env has the import hook, once there is at least one."""
+    hook = f"{WORKER_PROCESS_SETUP_HOOK_ENV_VAR}={HOOK}".encode()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = set()
+        for entry in os.scandir("/proc"):
+            try:
+                idle = entry.name.isdigit() and open(f"/proc/{entry.name}/cmdline", "rb").read().startswith(
+                    b"ray::IDLE")
+                if idle and hook in open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0"):
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+        if pids:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError("no prestarted train-worker process appeared")
+
+
+def test_a_stage_takes_a_prestarted_worker_with_the_model_code_imported_and_leaves_one(tmp_path):
+    def worker_facts(config: dict) -> dict:  # defined here: pickled by value, not by this test module's name
+        return {"pid": os.getpid(), "runtime_env": ray.get_runtime_context().get_runtime_env_string(),
+                "model_code_imported": "workers.train_loop" in sys.modules and "transformers" in sys.modules}
+
+    res = Resources(num_workers=1, cpus_per_worker=1, dashboard=False)
+    init_ray(res)
+    try:
+        prestart_train_workers(res.num_workers)  # as `hkd run` does once Ray is up
+        warm = _idle_warm_pids()
+        facts = _fit(worker_facts, "warm", {}, res, tmp_path, None, datasets=None)
+        warm_after = _idle_warm_pids()  # the fit left one for the next stage
+        expected_env = stage_env(hook=True)
+    finally:
+        ray.shutdown()
+    assert facts["pid"] in warm
+    assert facts["runtime_env"] == expected_env  # what the prestart asked the raylet for
+    assert facts["model_code_imported"]
+    assert facts["pid"] not in warm_after
