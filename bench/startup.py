@@ -1,8 +1,9 @@
 """What does one stage cost before and around its training steps? The fixed cost of a minimal stage, by process
 and phase, against an in-process run of the same steps.
 
-Ray: a fresh interpreter runs what `hkd run` runs for one stage: `init_ray`, `encode_split` (train and val,
-materialized) and `fit_stage` (one worker, the tiniest level, one training step, validation, save). While it
+Ray: a fresh interpreter runs what `hkd run` runs for one stage: `init_ray`, `prestart_train_workers` (on a
+revision that has it), `encode_split` (train and val, materialized) and `fit_stage` (one worker, the tiniest
+level, one training step, validation, save); with `--stages N`, N fits back to back. While it
 runs, a sampler thread reads /proc every 0.1 s: when each Ray process started (`ray::IDLE` prestarted workers
 included), when it became which actor or task (Ray's process title), and when it had mapped libtorch (torch
 imported); rank 0's progress file gives the first step's end. In-process: a fresh interpreter does the same
