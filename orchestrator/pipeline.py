@@ -28,7 +28,7 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode
 from orchestrator.unlabeled import load_unlabeled, mixed
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
-from orchestrator.warm_workers import prestart_train_workers
+from orchestrator.warm_workers import prestart_train_workers, teacher_runtime_env
 from workers import augment, synth
 from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
@@ -63,7 +63,7 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, inputs.kinds, log)
     check_prompt_lengths(cfg, run_dir, inputs, init_dirs)
-    start_ray(cfg, run_dir, bool(pending), log)
+    start_ray(cfg, run_dir, pending[0] if pending else None, log)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
     rows, pools = {}, {}
     with using_store(uri, cfg.tracking.experiment):
@@ -76,7 +76,7 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
             for i, plan in enumerate(plans):
                 log(f"stage {i + 1}/{len(plans)}: {plan.name}")
                 result = _stage(cfg, run_dir, plan, prints[plan.name], init_dirs, inputs, encoded, splits, uri, pools,
-                                log)
+                                log, then=plans[i + 1] if i + 1 < len(plans) else None)
                 if plan.kind != "grounding":  # pre-training has no task metrics: not a report row
                     rows[plan.name] = result
                     for key, value in result["test"].items():
@@ -98,15 +98,17 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     return report
 
 
-def start_ray(cfg: RunConfig, run_dir: Path, train: bool, log) -> None:
-    """Ray for the run (room for two teachers at once: TCRD's) and, when a stage is left to `train`, the first
-    stage's processes (`orchestrator.warm_workers`), which import the model code while the data is encoded."""
+def start_ray(cfg: RunConfig, run_dir: Path, first: StagePlan | None, log) -> None:
+    """Ray for the run (room for two teachers at once: TCRD's) and, when a stage is left to train (`first`),
+    its processes and teachers (`orchestrator.warm_workers`), which import the model code while the data is
+    encoded."""
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
                          custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
                          log_dir=run_dir / "logs")
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
-    prestart_train_workers(cfg.resources.num_workers if train else 0)
+    if first is not None:
+        prestart_train_workers(cfg.resources.num_workers, teachers=new_teacher_replicas(cfg, first, {}))
 
 
 def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,
@@ -254,8 +256,9 @@ def _corpus(records: list[dict], augmenting: bool) -> list[str]:
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
            inputs: RunInputs, encoded: dict[str, ray.data.Dataset], splits: dict[str, list[dict]], uri: str,
-           pools: dict, log) -> dict:
-    """Train, test and record one stage, unless an earlier attempt already finished it."""
+           pools: dict, log, then: StagePlan | None = None) -> dict:
+    """Train, test and record one stage, unless an earlier attempt already finished it; `then`: the next stage,
+    whose new teacher replicas start (`orchestrator.warm_workers`) while this one is tested."""
     stage_file = run_dir / "stages" / f"{plan.name}.json"
     done = stage_done(stage_file, fingerprint)
     if done:
@@ -288,6 +291,8 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 val = fit_stage(plan.name, job, sets, encoded["val"], cfg.resources, run_dir / "ray", cfg.placement)
                 mlflow.log_metrics({f"teacher_restarts_{t['stage'].replace('+', '_')}": pools[t["stage"]].restarts()
                                     for t in plan.teachers})
+        if then is not None:
+            prestart_train_workers(0, teachers=new_teacher_replicas(cfg, then, pools))
         result = {"level": plan.level, "kind": plan.kind, "fingerprint": fingerprint, "val": val,
                   "model_dir": str(out_dir), "mlflow_run_id": stage_run.info.run_id}
         if plan.kind != "grounding":  # pre-training has no task to test
@@ -320,6 +325,11 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
                            "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}
 
 
+def new_teacher_replicas(cfg: RunConfig, plan: StagePlan, pools: dict) -> int:
+    """The teacher replicas `plan` will start: those of its teacher stages not already running in `pools`."""
+    return cfg.teachers.replicas * sum(t["stage"] not in pools for t in plan.teachers)
+
+
 def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, pools: dict) -> dict[str, str]:
     """Start the stage's teacher pools not yet running (their pairing with the student was checked before any
     work, `orchestrator.pairs`); returns pool names by stage."""
@@ -332,7 +342,8 @@ def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, pools: dict) 
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
                                                  max_restarts=cfg.teachers.max_restarts,
                                                  resources=cfg.placement.teacher,
-                                                 trust_remote_code=cfg.levels[t["level"]].trust_remote_code)
+                                                 trust_remote_code=cfg.levels[t["level"]].trust_remote_code,
+                                                 runtime_env=teacher_runtime_env())
     return names
 
 

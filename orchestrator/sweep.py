@@ -74,7 +74,8 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     unlabeled, _ = unlabeled_inputs(cfg, [plan], from_run, splits)
     teacher_cpus = len(plan.teachers) * cfg.teachers.replicas * cfg.teachers.num_cpus
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
-    prestart_train_workers(cfg.resources.num_workers)  # the first trial's: while the data is encoded
+    # the first trial's worker and the teachers: while the data is encoded
+    prestart_train_workers(cfg.resources.num_workers, teachers=cfg.teachers.replicas * len(plan.teachers))
     levels = {plan.level: init_dir} | {t["level"]: model_dir(from_run, t["stage"]) for t in plan.teachers}
     inputs = RunInputs(cfg, [plan], levels, first=plan.level)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)

@@ -7,11 +7,12 @@ half of a stage's fixed cost, all of it on the path to the first step. Ray gives
 never ran anything and has the actor's runtime env, but prestarts such processes only as it starts, with the
 job's env. So hkd asks the raylet for them itself, through the call Ray's own prestart uses (`PrestartWorkers`),
 with exactly the runtime envs Ray Train gives these actors; the workers' env has a setup hook
-(`workers.warm.import_loops`) that imports the model code as the process starts. It asks once Ray is up and
-after each stage's fit, for the next stage: the imports then run while the driver encodes the data or tests the
-stage. A process no stage takes exits after `KEEP_ALIVE_S`, or with the private Ray.
+(`workers.warm.import_loops`) that imports the model code as the process starts. Teacher replicas get the
+workers' env too, so that they take such processes as well. hkd asks once Ray is up and after each stage's fit,
+for the next stage: the imports then run while the driver encodes the data or tests the stage. A process no
+stage takes exits after `KEEP_ALIVE_S`, or with the private Ray.
 
-On a cluster nothing changes: workers start on other nodes, and their runtime env has no hook."""
+On a cluster nothing changes: workers and teachers start as before, and their runtime envs have no hook."""
 
 from __future__ import annotations
 
@@ -34,15 +35,23 @@ def worker_runtime_env() -> dict:
     return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HOOK}} if private_ray() else {}
 
 
-def prestart_train_workers(n: int) -> None:
-    """Start a stage's processes now, for the next stage to take: its controller and synchronization actor
-    (the controller's env, nothing to import) and `n` train workers (the import hook). A faster start, never a
-    failure: if the call fails (another Ray version), stages start their processes as before."""
-    if not private_ray() or n < 1:
+def teacher_runtime_env() -> dict | None:
+    """The runtime env of teacher replicas (started by this process): the train workers' on a private Ray, so
+    that they take the same warm processes; None elsewhere."""
+    return json.loads(stage_env(hook=True)) if private_ray() else None
+
+
+def prestart_train_workers(n: int, teachers: int = 0) -> None:
+    """Start a stage's processes now, for the next stage to take: `n` train workers and `teachers` new teacher
+    replicas (the import hook), and, with workers, the controller and synchronization actor (the controller's
+    env, nothing to import). A faster start, never a failure: if the call fails (another Ray version), stages
+    start their processes as before."""
+    if not private_ray() or n + teachers < 1:
         return
     try:
-        _prestart(stage_env(hook=False), 2)
-        _prestart(stage_env(hook=True), n)
+        _prestart(stage_env(hook=True), n + teachers)  # first: the raylet starts no more than its free CPUs
+        if n:
+            _prestart(stage_env(hook=False), 2)
         # Ray Data's stats actor starts at a dataset's first run: from the driver, not from a train worker,
         # whose env (the hook) it would inherit, taking a warm process or importing torch for nothing.
         from ray.data._internal.stats import get_or_create_stats_actor

@@ -1,5 +1,6 @@
-"""Warm train workers (`orchestrator.warm_workers`): on hkd's private Ray, a stage's worker is a process started
-before the stage, its model code already imported; each stage's fit leaves one for the next."""
+"""Warm stage processes (`orchestrator.warm_workers`): on hkd's private Ray, a stage's worker is a process started
+before the stage, its model code already imported; each stage's fit leaves one for the next, and a teacher
+replica takes one too."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import sys
 import time
 
 import ray
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
 from orchestrator.config import Resources
 from orchestrator.placement import init_ray
 from orchestrator.stages import _fit
-from orchestrator.warm_workers import HOOK, prestart_train_workers, stage_env
-from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+from orchestrator.warm_workers import HOOK, prestart_train_workers, stage_env, teacher_runtime_env
+from workers.teacher import TeacherPool
 
 
 def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
@@ -36,7 +38,7 @@ def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
     raise AssertionError("no prestarted train-worker process appeared")
 
 
-def test_a_stage_takes_a_prestarted_worker_with_the_model_code_imported_and_leaves_one(tmp_path):
+def test_a_stage_and_a_teacher_take_prestarted_processes_with_the_model_code_imported(tmp_path, tiny_model_dir):
     def worker_facts(config: dict) -> dict:  # defined here: pickled by value, not by this test module's name
         return {"pid": os.getpid(), "runtime_env": ray.get_runtime_context().get_runtime_env_string(),
                 "model_code_imported": "workers.train_loop" in sys.modules and "transformers" in sys.modules}
@@ -49,9 +51,13 @@ def test_a_stage_takes_a_prestarted_worker_with_the_model_code_imported_and_leav
         facts = _fit(worker_facts, "warm", {}, res, tmp_path, None, datasets=None)
         warm_after = _idle_warm_pids()  # the fit left one for the next stage
         expected_env = stage_env(hook=True)
+        pool = TeacherPool.start("warm-teacher", tiny_model_dir, runtime_env=teacher_runtime_env())
+        teacher_pid = pool.info()[0]["pid"]
+        pool.shutdown()
     finally:
         ray.shutdown()
     assert facts["pid"] in warm
     assert facts["runtime_env"] == expected_env  # what the prestart asked the raylet for
     assert facts["model_code_imported"]
     assert facts["pid"] not in warm_after
+    assert teacher_pid in warm_after  # the teacher's env is the workers': it took the process left idle

@@ -156,11 +156,12 @@ class TeacherPool:
               num_gpus: float = 0.0, threads: int | None = None, max_restarts: int = 3,
               max_task_retries: int = 3, namespace: str = "hkd",
               student_dir: str | Path | None = None, resources: dict[str, float] | None = None,
-              trust_remote_code: bool = False) -> TeacherPool:
+              trust_remote_code: bool = False, runtime_env: dict | None = None) -> TeacherPool:
         """Start (or reuse, if already live) `replicas` named actors owned by this driver.
 
         `threads` defaults to the CPU share; `student_dir`, when given, is checked for a shared tokenizer
-        before anything starts; `resources` (custom Ray resources per replica) pins replicas to teacher nodes.
+        before anything starts; `resources` (custom Ray resources per replica) pins replicas to teacher nodes;
+        `runtime_env`: the replicas' (`orchestrator.warm_workers.teacher_runtime_env`).
         """
         if student_dir is not None:
             check_compatible(model_dir, student_dir)
@@ -169,7 +170,7 @@ class TeacherPool:
         handles = [
             actor_cls.options(name=actor_name(name, i), namespace=namespace, get_if_exists=True,
                               num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                              max_restarts=max_restarts,
+                              max_restarts=max_restarts, runtime_env=runtime_env,
                               max_task_retries=max_task_retries).remote(str(model_dir), threads, trust_remote_code)
             for i in range(replicas)
         ]
