@@ -142,8 +142,8 @@ def default_stage_loss(teachers: list[dict] = (), **over) -> StageLossConfig:
                                  "coupled": False, "label_words": False, "inputs": None, **t}) for t in teachers)
     kd = KDSettings().model_dump(exclude={"kd_over"})  # kd_over is resolved per teacher (`TeacherSpec.label_words`)
     base = {"kind": "ppod" if specs else "direct", "ce_weight": 1.0, **kd, "k": tr.k, "prefetch": tr.prefetch,
-            "call_retries": tr.call_retries, "sharpness": tcrd.sharpness, "teachers": specs, "cache": None, "unlabeled_weight": tcrd.unlabeled_weight,
-            "unlabeled_use": DataSection().unlabeled_use, "top_teacher": 0}
+            "call_retries": tr.call_retries, "sharpness": tcrd.sharpness, "teachers": specs, "cache": None,
+            "unlabeled_weight": tcrd.unlabeled_weight, "unlabeled_use": DataSection().unlabeled_use, "top_teacher": 0}
     return StageLossConfig(**{**base, **over})
 
 
