@@ -213,7 +213,7 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
             os.killpg(driver.pid, signal.SIGKILL)  # the rest of its session: its local Ray
         except ProcessLookupError:
             pass
-    _wait(lambda: not _alive_in_group(driver.pid), 60, "the killed driver's Ray to exit")
+    _wait(lambda: not faults.alive_in_group(driver.pid), 60, "the killed driver's Ray to exit")
     # What the next run resumes from: the latest checkpoint the killed run's controller registered (not the
     # latest hkd logged: one reported in the last poll interval before the kill is lost).
     ckpt, _ = faults.registered_checkpoint(run_dir / "ray", STAGE)
@@ -231,19 +231,6 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
     assert [m.value for m in _history(run_dir, resumed, "resumed_from_step")] == [ckpt]
     assert min(m.step for m in _history(run_dir, resumed, "loss")) == ckpt + 1
     _assert_same_result(run_dir, reference)
-
-
-def _alive_in_group(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
 
 
 @pytest.fixture()

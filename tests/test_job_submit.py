@@ -27,6 +27,7 @@ import pytest
 from safetensors.torch import load_file
 
 from orchestrator.cli import main
+from orchestrator.faults import alive_in_group
 from workers.calibration import load_shift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ SHRINK = [f"levels={{S: {TINY}}}", "direct.levels=[S]", "ppod.enabled=false", "t
 LORA = ["direct.train={epochs: 1, batch_size: 4, lora: {r: 4, target_modules: [q_proj, v_proj]}}"]
 DDP = ["resources.num_workers=2", "pretrain={enabled: true, steps: 2, batch_size: 2, log_every: 1}",
        "direct.train={epochs: 2, batch_size: 4, log_every: 1, eval_every: 1}"]
-EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "**/__pycache__"]
+EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "**/__pycache__", ".hypothesis"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -82,12 +83,14 @@ def head():
             time.sleep(2)
         yield {"address": address, "env": env}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # this head's process group only
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # this head's process group only, given 5 s to exit
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 break
-            time.sleep(5)
+            deadline = time.time() + 5
+            while alive_in_group(proc.pid) and time.time() < deadline:
+                time.sleep(0.2)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

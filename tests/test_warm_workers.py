@@ -12,6 +12,7 @@ import ray
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
 from orchestrator.config import Resources
+from orchestrator.faults import descendants
 from orchestrator.placement import init_ray
 from orchestrator.stages import _fit
 from orchestrator.warm_workers import HOOK, prestart_train_workers, stage_env, teacher_runtime_env
@@ -19,17 +20,17 @@ from workers.teacher import TeacherPool
 
 
 def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
-    """Ray processes still idle (`ray::IDLE`) whose env has the import hook, once there is at least one."""
+    """This process's Ray processes still idle (`ray::IDLE`) whose env has the import hook, once there is at
+    least one (another Ray on the machine, e.g. a parallel test's, has its own)."""
     hook = f"{WORKER_PROCESS_SETUP_HOOK_ENV_VAR}={HOOK}".encode()
     deadline = time.time() + timeout
     while time.time() < deadline:
         pids = set()
-        for entry in os.scandir("/proc"):
+        for pid in descendants(os.getpid()):
             try:
-                idle = entry.name.isdigit() and open(f"/proc/{entry.name}/cmdline", "rb").read().startswith(
-                    b"ray::IDLE")
-                if idle and hook in open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0"):
-                    pids.add(int(entry.name))
+                idle = open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::IDLE")
+                if idle and hook in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    pids.add(pid)
             except OSError:
                 continue
         if pids:
