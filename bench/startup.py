@@ -15,12 +15,16 @@ Per stage and process: `started` (seconds after the `fit_stage` call; `pool` = a
 `actor` (it became the actor), `torch` (libtorch mapped), CPU seconds it used (the figure least moved by
 other load on the machine). The fixed cost of a stage is its `fit_stage` wall time (one training step of it).
 
-    python bench/startup.py [--stages 2] [--records 4] [--before main]
+`--one-fit` then runs the same stages in one fit, each stage's loop in turn in one worker group: what running
+consecutive stages in one worker group would save against a fit each.
+
+    python bench/startup.py [--stages 2] [--records 4] [--before main] [--one-fit]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -133,8 +137,9 @@ def splits(data: Path) -> dict[str, list[dict]]:
     return {s: [r for t in synth.TASKS for r in load_jsonl(data / t / f"{s}.jsonl")] for s in ("train", "val")}
 
 
-def ray_child(work: Path, data: Path, model: Path, stages: int) -> dict:
-    """One (or `stages`) minimal stage(s) the way `hkd run` runs them; times since interpreter start."""
+def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = False) -> dict:
+    """One (or `stages`) minimal stage(s) the way `hkd run` runs them, a fit each; times since interpreter start.
+    `one_fit`: then the same stages in one fit (what one worker group for consecutive stages would cost)."""
     t_import = time.time()
     from orchestrator.config import Resources, RunConfig, TrainConfig
     from orchestrator.placement import init_ray
@@ -170,11 +175,29 @@ def ray_child(work: Path, data: Path, model: Path, stages: int) -> dict:
         t = time.time()
         fit_stage(f"s{i}", job, sets, enc["val"], res, work / "ray")
         fits.append({"start": t, "end": time.time(), "first_step": progress.stat().st_mtime})
+    if one_fit:  # the same stages again, back to back in one fit: one worker group for all of them
+        from orchestrator.stages import _fit
+
+        jobs = [dataclasses.replace(job, out_dir=str(work / f"one{i}"), progress=None) for i in range(stages)]
+        t = time.time()
+        _fit(stages_in_one_fit, "one-fit", {"jobs": jobs}, res, work / "ray", None,
+             datasets={**sets, "val": enc["val"]})
+        out["one fit"] = time.time() - t
     sampler.stop.set()
     sampler.thread.join()
     sampler.sample()
     out["procs"], out["fits"] = sampler.procs, fits
     return out
+
+
+def stages_in_one_fit(config: dict) -> None:
+    """Ray Train's worker loop for `--one-fit`: each stage's loop in turn, in the same worker process. Within one
+    fit `ray.train.get_checkpoint()` is the latest one reported, so each later stage loads the one before's
+    checkpoint and skips its single step: a one-fit stage is cheaper than a real one by that step (0.1 s here)."""
+    from workers.entry_points import train_loop_per_worker
+
+    for job in config["jobs"]:
+        train_loop_per_worker({"job": job, "iterators": config["iterators"]})
 
 
 def in_process_child(data: Path, model: Path) -> dict:
@@ -215,7 +238,10 @@ def in_process_child(data: Path, model: Path) -> dict:
 def child(argv: list[str]) -> dict:
     """Run one side in this (fresh) interpreter and print its timings as JSON."""
     mode, work, data, model, stages = argv[0], Path(argv[1]), Path(argv[2]), Path(argv[3]), int(argv[4])
-    out = ray_child(work, data, model, stages) if mode == "ray" else in_process_child(data, model)
+    if mode == "inproc":
+        out = in_process_child(data, model)
+    else:
+        out = ray_child(work, data, model, stages, one_fit=mode == "ray-one-fit")
     out["total since interpreter start"] = time.time() - proc_start(os.getpid(), boot_time())
     out["interpreter start"] = T0 - proc_start(os.getpid(), boot_time())
     return out
@@ -290,6 +316,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=4, help="train records per task (one step of all of them)")
     ap.add_argument("--stages", type=int, default=2, help="consecutive minimal stages in the Ray run")
+    ap.add_argument("--one-fit", action="store_true",
+                    help="then the same stages in one fit (one worker group for consecutive stages), this checkout")
     ap.add_argument("--before", help="also run the Ray side on this git revision's code (e.g. main), after ours")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent.parent
@@ -298,7 +326,8 @@ def main() -> None:
         data, model = build(work, args.records)
         print(f"load average before: {load_avg()}", flush=True)
         inproc = run_child("inproc", work, data, model, args.stages, here)
-        sides = {"this checkout": run_child("ray", work, data, model, args.stages, here)}
+        sides = {"this checkout": run_child("ray-one-fit" if args.one_fit else "ray", work, data, model,
+                                            args.stages, here)}
         if args.before:
             sides[args.before] = run_child("ray", work, data, model, args.stages, export(args.before, work / "before"))
         print(f"load average after: {load_avg()}")
@@ -313,6 +342,10 @@ def main() -> None:
         print(f"{label}: fixed cost of a stage (fit_stage wall, median of {len(ray['fits'])}) {fixed_cost(ray):.1f} s; "
               f"whole Ray run / in-process run "
               f"{ray['total since interpreter start'] / inproc['total since interpreter start']:.1f}")
+    if args.one_fit:
+        one = sides["this checkout"]
+        print(f"one fit of the same {args.stages} stages: {one['one fit']:.1f} s, {one['one fit'] / args.stages:.1f} s a "
+              f"stage; a fit each / one fit: {fixed_cost(one) * args.stages / one['one fit']:.1f}")
     if args.before:
         print(f"fixed cost, this checkout / {args.before}: "
               f"{fixed_cost(sides['this checkout']) / fixed_cost(sides[args.before]):.2f}")
