@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from orchestrator.config import RunConfig, load_config
-from orchestrator.pipeline import model_dir, run
+from orchestrator.pipeline import KeptTeachers, model_dir, run
 from orchestrator.plots import table_bars
 from orchestrator import console
 from orchestrator.report import final_row, render_markdown, write_json
@@ -43,28 +43,47 @@ VARIANTS = (("no PPOD", lambda c: c.ppod.enabled, "ppod.enabled=false", "ppod is
 
 
 def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, log=console.say) -> dict:
-    """Run the full method and its one-part-off variants; add the `ablation` table to the report."""
+    """Run the full method and its one-part-off variants; add the `ablation` table to the report. A teacher of the
+    full run whose stage the next variant shares keeps running for it (`KeptTeachers`), not loaded again."""
     cfg = load_config(config_path, overrides)
     run_dir = run_dir.resolve()
-    report = run(cfg, run_dir, log, config_path=str(config_path), overrides=overrides)
-    last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
-    rows = {"full method": final_row(report), "no shift": report["rows"][last]}
     uri = tracking_uri(cfg.tracking.uri, run_dir.parent)  # variants record into the full run's store
-    for name, applies, switch, why_not in VARIANTS:
-        if not applies(cfg):
-            log(f"[ablation] {name}: {why_not}; no row")
-            continue
-        slug = name.replace(" ", "-")
-        variant = load_config(config_path, [*overrides, switch, f"name={cfg.name}-{slug}", f"tracking.uri={uri}"])
-        variant_dir = run_dir / "ablation" / slug
-        shared = share_finished(run_dir, variant_dir, variant)
-        log(f"[ablation] {name}: {len(shared)} stage(s) shared with the full run: {', '.join(shared) or 'none'}")
-        rows[name] = final_row(run(variant, variant_dir, log))
+    variants = {name: load_config(config_path, [*overrides, switch, f"name={cfg.name}-{name.replace(' ', '-')}",
+                                                f"tracking.uri={uri}"])
+                for name, applies, switch, _ in VARIANTS if applies(cfg)}
+    full = set(fingerprints(cfg, plan_stages(cfg)).values())  # stages a variant links, never retrains
+    needs = [{s: fp for s, fp in teacher_stages(v).items() if fp in full} for v in variants.values()]
+    kept = KeptTeachers(keep=set(needs[0].values()) if needs else set())
+    try:
+        report = run(cfg, run_dir, log, config_path=str(config_path), overrides=overrides, kept=kept)
+        last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
+        rows = {"full method": final_row(report), "no shift": report["rows"][last]}
+        for name, _, _, why_not in VARIANTS:
+            if name not in variants:
+                log(f"[ablation] {name}: {why_not}; no row")
+                continue
+            i = list(variants).index(name)
+            kept.keep = set(needs[i + 1].values()) if i + 1 < len(needs) else set()
+            variant_dir = run_dir / "ablation" / name.replace(" ", "-")
+            shared = share_finished(run_dir, variant_dir, variants[name])
+            running = [s for s, fp in needs[i].items() if fp in kept.pools]
+            log(f"[ablation] {name}: {len(shared)} stage(s) shared with the full run: {', '.join(shared) or 'none'}"
+                + (f"; teachers still running: {', '.join(running)}" if running else ""))
+            rows[name] = final_row(run(variants[name], variant_dir, log, kept=kept))
+    finally:
+        kept.shutdown()
     report["ablation"] = rows
     write_json(run_dir, report)
     table_bars({"rows": rows}, run_dir / "plots" / "ablation_parts.png")
     render_markdown(run_dir)
     return report
+
+
+def teacher_stages(cfg: RunConfig) -> dict[str, str]:
+    """The stages whose models teach in `cfg`'s run, with their fingerprints."""
+    plans = plan_stages(cfg)
+    prints = fingerprints(cfg, plans)
+    return {t["stage"]: prints[t["stage"]] for p in plans for t in p.teachers}
 
 
 def share_finished(source: Path, target: Path, cfg: RunConfig) -> list[str]:

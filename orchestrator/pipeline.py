@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -41,10 +42,46 @@ from workers.teacher import TeacherPool
 from workers.type_scores import type_scores
 
 
+@dataclass
+class KeptTeachers:
+    """Teacher pools handed from one run to the next in one driver (an ablation's variants), by the fingerprint
+    of the stage they serve: the next run, if a teacher stage of its has the same fingerprint (the same trained
+    model), uses the running pool instead of loading the model again. `keep`: the fingerprints the next run
+    needs; a pool serving any other stops once its own run is done with it, and one the next run does not take
+    stops as that run starts (no run holds more teachers than its own stages use)."""
+
+    pools: dict[str, TeacherPool] = field(default_factory=dict)
+    keep: set[str] = field(default_factory=set)
+
+    def adopt(self, plans: list[StagePlan], prints: dict[str, str]) -> dict[str, TeacherPool]:
+        """The kept pools that serve this run's teacher stages, by stage name; the others stop."""
+        stages = {t["stage"] for p in plans for t in p.teachers}
+        taken = {s: self.pools.pop(prints[s]) for s in sorted(stages) if prints[s] in self.pools}
+        self.shutdown()
+        return taken
+
+    def release(self, pools: dict[str, TeacherPool], remaining: list[StagePlan], prints: dict[str, str]) -> None:
+        """Take from `pools` those no `remaining` stage needs: kept when the next run needs them, else stopped
+        (freeing their CPUs/GPUs)."""
+        needed = {t["stage"] for p in remaining for t in p.teachers}
+        for stage in [s for s in pools if s not in needed]:
+            pool = pools.pop(stage)
+            if prints[stage] in self.keep:
+                self.pools[prints[stage]] = pool
+            else:
+                pool.shutdown()
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+        self.pools.clear()
+
+
 def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None = None,
-        overrides: list[str] | None = None) -> dict:
+        overrides: list[str] | None = None, kept: KeptTeachers | None = None) -> dict:
     """Execute the whole run; finished stages (result file present) are skipped on a re-run.
-    `log` gets hkd's own console lines: the plan, per stage a start and an end line, and where the results are."""
+    `log` gets hkd's own console lines: the plan, per stage a start and an end line, and where the results are.
+    `kept`: teacher pools an earlier run of this driver left running for this one, and what to leave for later."""
     started = time.time()
     plans = plan_stages(cfg)
     prints = fingerprints(cfg, plans)
@@ -63,9 +100,11 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, inputs.kinds, log)
     check_prompt_lengths(cfg, run_dir, inputs, init_dirs)
-    start_ray(cfg, run_dir, pending[0] if pending else None, log)
+    kept = kept or KeptTeachers()
+    pools = kept.adopt(plans, prints)
+    start_ray(cfg, run_dir, pending[0] if pending else None, pools, log)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
-    rows, pools = {}, {}
+    rows = {}
     with using_store(uri, cfg.tracking.experiment):
         for run_id in end_stale_runs(run_dir, cfg.tracking.experiment):
             log(f"MLflow run {run_id} of an interrupted attempt marked KILLED")
@@ -81,9 +120,9 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
                     rows[plan.name] = result
                     for key, value in result["test"].items():
                         mlflow.log_metric(f"{plan.name.replace('+', '_')}/{key}", value)  # '+' is not valid
-                _release_pools(pools, plans[i + 1:])
+                kept.release(pools, plans[i + 1:], prints)
         finally:
-            _release_pools(pools, [])
+            kept.release(pools, [], prints)
         meta.update(mlflow_run_id=parent.info.run_id, wall_s=time.time() - started,
                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
@@ -98,17 +137,17 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     return report
 
 
-def start_ray(cfg: RunConfig, run_dir: Path, first: StagePlan | None, log) -> None:
+def start_ray(cfg: RunConfig, run_dir: Path, first: StagePlan | None, pools: dict, log) -> None:
     """Ray for the run (room for two teachers at once: TCRD's) and, when a stage is left to train (`first`),
-    its processes and teachers (`orchestrator.warm_workers`), which import the model code while the data is
-    encoded."""
+    its processes and the teachers not already in `pools` (`orchestrator.warm_workers`), which import the model
+    code while the data is encoded."""
     dashboard = init_ray(cfg.resources, teacher_cpus=2 * cfg.teachers.replicas * cfg.teachers.num_cpus,
                          custom=local_resources(cfg.placement, cfg.resources, cfg.teachers.replicas),
                          log_dir=run_dir / "logs")
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
     if first is not None:
-        prestart_train_workers(cfg.resources.num_workers, teachers=new_teacher_replicas(cfg, first, {}))
+        prestart_train_workers(cfg.resources.num_workers, teachers=new_teacher_replicas(cfg, first, pools))
 
 
 def unlabeled_inputs(cfg: RunConfig, plans: list[StagePlan], run_dir: Path,
@@ -333,18 +372,16 @@ def new_teacher_replicas(cfg: RunConfig, plan: StagePlan, pools: dict) -> int:
 def start_teachers(cfg: RunConfig, run_dir: Path, plan: StagePlan, pools: dict) -> dict[str, str]:
     """Start the stage's teacher pools not yet running (their pairing with the student was checked before any
     work, `orchestrator.pairs`); returns pool names by stage."""
-    names = {}
     for t in plan.teachers:
-        teacher_dir = model_dir(run_dir, t["stage"])
-        names[t["stage"]] = _pool_name(run_dir, t["stage"])
         if t["stage"] not in pools:
-            pools[t["stage"]] = TeacherPool.start(names[t["stage"]], teacher_dir, replicas=cfg.teachers.replicas,
+            pools[t["stage"]] = TeacherPool.start(_pool_name(run_dir, t["stage"]), model_dir(run_dir, t["stage"]),
+                                                 replicas=cfg.teachers.replicas,
                                                  num_cpus=cfg.teachers.num_cpus, num_gpus=cfg.teacher_gpus(t["level"]),
                                                  max_restarts=cfg.teachers.max_restarts,
                                                  resources=cfg.placement.teacher,
                                                  trust_remote_code=cfg.levels[t["level"]].trust_remote_code,
                                                  runtime_env=teacher_runtime_env())
-    return names
+    return {t["stage"]: pools[t["stage"]].name for t in plan.teachers}
 
 
 def model_dir(run_dir: Path, stage: str) -> Path:
@@ -355,11 +392,3 @@ def model_dir(run_dir: Path, stage: str) -> Path:
 def _pool_name(run_dir: Path, stage: str) -> str:
     """Actor names unique per run dir, so concurrent runs on one cluster never share a teacher."""
     return f"{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}-{stage}"
-
-
-def _release_pools(pools: dict, remaining: list[StagePlan]) -> None:
-    """Stop teacher actors that no later stage needs, freeing their CPUs/GPUs."""
-    needed = {t["stage"] for p in remaining for t in p.teachers}
-    for stage in list(pools):
-        if stage not in needed:
-            pools.pop(stage).shutdown()

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import METHOD_CONFIG
 from orchestrator.config import load_config
+from orchestrator.pipeline import _pool_name
 from orchestrator.stages import plan_stages
 
 
@@ -71,6 +72,13 @@ def test_full_method_runs_with_teacher_actors_and_ablation(method_run):
     runs = _stage_runs("method")
     _assert_unlabelled_inputs(run_dir, runs, _stage_runs("method-hard-pseudo-labels"),
                               _stage_runs("method-gold-labels-on-all-inputs"))
+    # The full run's L-direct teacher kept running for the next variant, "no PPOD", whose S+TCRD learnt from it and
+    # started only the teacher no earlier stage had served (M-direct).
+    assert any(line.startswith("[ablation] no PPOD:") and line.endswith("; teachers still running: L-direct")
+               for line in method_run["lines"]), method_run["lines"]
+    teachers = _stage_runs("method-no-PPOD")["S+TCRD"].data.params["loss.teachers"]
+    assert f"'pool': '{_pool_name(run_dir.resolve(), 'L-direct')}'" in teachers
+    assert f"'pool': '{_pool_name(no_ppod.resolve(), 'M-direct')}'" in teachers
     tcrd = runs["S+PPOD+TCRD"].info.run_id
     for key in ("loss_kd_" , "coupling_"):
         assert any(k.startswith(key) for k in runs["S+PPOD+TCRD"].data.metrics), key

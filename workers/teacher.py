@@ -142,12 +142,13 @@ def actor_name(name: str, index: int) -> str:
 
 
 class TeacherPool:
-    """Handles to a pool's replicas, spreading calls to the replica with the fewest calls in flight."""
+    """Handles to a pool's replicas, spreading calls to the replica with the fewest calls in flight; `name`: the
+    pool's, by which train workers `connect` to it."""
 
-    def __init__(self, handles: list):
+    def __init__(self, handles: list, name: str = ""):
         if not handles:
             raise ValueError("a teacher pool needs at least one replica")
-        self.handles = handles
+        self.handles, self.name = handles, name
         self.sent = [0] * len(handles)
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in handles]
 
@@ -174,12 +175,12 @@ class TeacherPool:
                               max_task_retries=max_task_retries).remote(str(model_dir), threads, trust_remote_code)
             for i in range(replicas)
         ]
-        return cls(handles)
+        return cls(handles, name)
 
     @classmethod
     def connect(cls, name: str, replicas: int, namespace: str = "hkd") -> TeacherPool:
         """Handles to a running pool by name (from Ray Train workers or any other task)."""
-        return cls([ray.get_actor(actor_name(name, i), namespace=namespace) for i in range(replicas)])
+        return cls([ray.get_actor(actor_name(name, i), namespace=namespace) for i in range(replicas)], name)
 
     def submit(self, batch: dict[str, np.ndarray], k: int, temperature: float) -> ray.ObjectRef:
         """Send one batch to the least-busy replica (ties rotate); returns the ref to the wire outputs."""
