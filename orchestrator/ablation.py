@@ -52,8 +52,9 @@ def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, l
                                                 f"tracking.uri={uri}"])
                 for name, applies, switch, _ in VARIANTS if applies(cfg)}
     full = set(fingerprints(cfg, plan_stages(cfg)).values())  # stages a variant links, never retrains
-    needs = [{s: fp for s, fp in teacher_stages(v).items() if fp in full} for v in variants.values()]
-    kept = KeptTeachers(keep=set(needs[0].values()) if needs else set())
+    needs = {name: {s: fp for s, fp in teacher_stages(v).items() if fp in full} for name, v in variants.items()}
+    hand_on = dict(zip(["full method", *needs], [*needs.values(), {}]))  # what each run leaves for the next
+    kept = KeptTeachers(keep=set(hand_on["full method"].values()))
     try:
         report = run(cfg, run_dir, log, config_path=str(config_path), overrides=overrides, kept=kept)
         last = [name for name in report["rows"] if not name.endswith("+shift")][-1]
@@ -62,11 +63,10 @@ def run_ablation(config_path: str | Path, overrides: list[str], run_dir: Path, l
             if name not in variants:
                 log(f"[ablation] {name}: {why_not}; no row")
                 continue
-            i = list(variants).index(name)
-            kept.keep = set(needs[i + 1].values()) if i + 1 < len(needs) else set()
+            kept.keep = set(hand_on[name].values())
             variant_dir = run_dir / "ablation" / name.replace(" ", "-")
             shared = share_finished(run_dir, variant_dir, variants[name])
-            running = [s for s, fp in needs[i].items() if fp in kept.pools]
+            running = [s for s, fp in needs[name].items() if fp in kept.pools]
             log(f"[ablation] {name}: {len(shared)} stage(s) shared with the full run: {', '.join(shared) or 'none'}"
                 + (f"; teachers still running: {', '.join(running)}" if running else ""))
             rows[name] = final_row(run(variants[name], variant_dir, log, kept=kept))
