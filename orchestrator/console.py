@@ -119,11 +119,16 @@ def captured(directory: Path, verbose: bool = False) -> Iterator[Path]:
 
 
 def _stop_ray() -> None:
-    """Shut down the Ray this command started while its output still goes to the log."""
+    """Shut down the Ray this command started while its output still goes to the log; through
+    `orchestrator.placement.stop_ray` when Ray was started there, which then copies the session's logs."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        placement = sys.modules.get("orchestrator.placement")  # not imported here: console stays free of Ray
         try:
-            ray.shutdown()
+            if placement is not None:
+                placement.stop_ray()
+            else:
+                ray.shutdown()
         except Exception:  # noqa: BLE001 - the command's own outcome matters more
             _log_traceback()
 

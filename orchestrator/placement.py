@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -16,6 +19,13 @@ from orchestrator.config import Placement, Resources
 # process per stage, started beside the worker group) has nothing to watch there. HKD_PRIVATE_RAY tells every
 # process of that Ray (the driver, a sweep trial's) that it is one (`private_ray`).
 LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "HKD_PRIVATE_RAY": "1"}
+
+# What a command's log dir keeps of Ray's own session logs: the session's path, and a bounded copy of a local
+# session's files (raylet, GCS, dashboard, workers), whatever becomes of Ray's temp dir afterwards.
+SESSION_NOTE = "ray-session.txt"
+RAY_LOGS = "ray"
+TAIL_BYTES = 1 << 20  # per file: its last MiB (a log that ran for days stays small)
+TOTAL_BYTES = 64 << 20  # per session
 
 
 def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float] | None = None,
@@ -30,8 +40,8 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
     The local Ray is always a private one (`address="local"`): Ray's default would join whatever cluster
     /tmp/ray/ray_current_cluster last named, even a dead one or another user's.
 
-    The local Ray starts its dashboard unless `resources.dashboard` is false. `log_dir` gets a link to Ray's own
-    session logs.
+    The local Ray starts its dashboard unless `resources.dashboard` is false. `log_dir` gets the session's path at
+    once (`SESSION_NOTE`) and, for a local Ray, a copy of its logs when `stop_ray` ends it.
     """
     if ray.is_initialized():
         return _dashboard_url()
@@ -49,7 +59,7 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
                  resources=custom or None, include_dashboard=res.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     if log_dir is not None:
-        _link_session_logs(log_dir)
+        _note_session(log_dir, private=not address)
     return _dashboard_url()
 
 
@@ -68,17 +78,80 @@ def private_ray() -> bool:
     return os.environ.get("HKD_PRIVATE_RAY") == "1"
 
 
-def _link_session_logs(log_dir: Path) -> None:
-    """`<log dir>/ray` → this Ray session's own log dir (raylet, GCS, dashboard, worker files)."""
-    try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        link = log_dir / "ray"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(session)
-    except Exception:  # noqa: BLE001 - a joined cluster's session dir may not be on this machine
-        pass
+@dataclass
+class _Session:
+    """The Ray session a command's log dir was given for: `logs` (under Ray's temp dir), `into` (the log dir),
+    `private` (started by `init_ray` for this command, so its logs are this command's alone)."""
+    logs: Path
+    into: Path
+    private: bool
+
+
+_session: _Session | None = None
+
+
+def _session_logs() -> Path | None:
+    """The log dir of the Ray session this process is connected to (None without one on this machine)."""
+    node = ray._private.worker._global_node if ray.is_initialized() else None
+    return Path(node.get_session_dir_path()) / "logs" if node is not None else None
+
+
+def _note_session(log_dir: Path, private: bool) -> None:
+    """Name this Ray session in `<log dir>/ray-session.txt` now (a crash that skips `stop_ray` still leaves it),
+    and remember where `stop_ray` copies its logs. No link: Ray's temp dir goes at a reboot or a clean-up of /tmp,
+    and a link left dangling in a run dir breaks whatever walks the tree (`ray up` hashes every mounted file)."""
+    global _session
+    logs = _session_logs()
+    if logs is None:  # a Ray Client connection: the session is on another machine
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    where = "this machine" if private else "the cluster's nodes, where `ray logs` and the dashboard read them"
+    with open(log_dir / SESSION_NOTE, "a") as note:
+        note.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} Ray session {logs.parent}: its logs are in {logs} "
+                   f"on {where}\n")
+    _session = _Session(logs, log_dir, private)
+
+
+def stop_ray() -> None:
+    """Shut Ray down, then copy a local session's logs (complete only now) into `<log dir>/ray/`, bounded by
+    `copy_session_logs`. A joined cluster's session outlives the command and holds other jobs' logs: not copied."""
+    global _session
+    kept, _session = _session, None
+    stopping = _session_logs()
+    ray.shutdown()
+    if kept is None or not kept.private or kept.logs != stopping:
+        return
+    left_out = copy_session_logs(kept.logs, kept.into / RAY_LOGS)
+    with open(kept.into / SESSION_NOTE, "a") as note:
+        note.write(f"  copied into {kept.into / RAY_LOGS} when the command ended (each file's last "
+                   f"{TAIL_BYTES >> 20} MiB, {TOTAL_BYTES >> 20} MiB in all)"
+                   + (f"; left out: {', '.join(left_out)}" if left_out else "") + "\n")
+
+
+def copy_session_logs(src: Path, dest: Path, tail: int = TAIL_BYTES, total: int = TOTAL_BYTES) -> list[str]:
+    """Copy the regular files under `src` into `dest`, replacing an earlier copy (or the link to a session that
+    hkd made before): the latest first, each cut to its last `tail` bytes (errors are at the end), until `total`
+    bytes. Links are not followed. Returns the files left out, relative to `src`."""
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    files = [(p.stat(), p) for p in src.rglob("*") if p.is_file() and not p.is_symlink()]
+    left, left_out = total, []
+    for stat, path in sorted(files, key=lambda f: f[0].st_mtime, reverse=True):
+        rel = path.relative_to(src)
+        size = min(stat.st_size, tail)
+        if size > left:
+            left_out.append(str(rel))
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as f_in, open(out, "wb") as f_out:
+            if size < stat.st_size:
+                f_out.write(f"[{stat.st_size - size} bytes before cut; the whole file: {path}]\n".encode())
+                f_in.seek(stat.st_size - size)
+            f_out.write(f_in.read(size))
+        left -= size
+    return sorted(left_out)
 
 
 def _env_vars_beside_job() -> dict[str, str]:

@@ -2,6 +2,8 @@
 # The on-prem cluster path end to end on one machine: `ray up configs/cluster/local.yaml` over SSH to
 # 127.0.0.1 (an sshd started here with a generated key), `ray job submit` of a shrunk quickstart that uses the
 # placement's `student` resource, then `ray down`. Run from anywhere as root: bash scripts/cluster_loopback.sh
+# It works on the checkout it lives in (run dirs under runs/ included); tests/test_cluster_loopback.py runs it on
+# a copy that holds an earlier test's finished run dir.
 #
 # Needs root (it installs openssh-server and rsync with apt if missing, and isolates itself with `unshare`).
 # Everything runs in private PID, network and mount namespaces: its own loopback (port 22, 6379 and 8265 are
@@ -24,7 +26,15 @@ ip link set lo up
 WORK="$(mktemp -d /tmp/hkd-loopback.XXXXXX)"
 mkdir -p /tmp/ray "$WORK/home" /run/sshd
 mount -t tmpfs tmpfs /tmp/ray
-cleanup() { umount /etc/passwd 2>/dev/null || true; rm -rf "$WORK"; }
+# `ray up` also writes outside /tmp/ray: its SSH control socket (/tmp/ray_ssh_<user hash>/<cluster hash>), and
+# its config cache in TMPDIR (set to $WORK for `ray up`/`ray down`). Nothing of this cluster outlives the script.
+short_hash() { printf %s "$1" | sha256sum | cut -c1-10; }
+SSH_CONTROL="/tmp/ray_ssh_$(short_hash "$(id -un)")"
+cleanup() {
+  umount /etc/passwd 2>/dev/null || true
+  rm -rf "$WORK" "$SSH_CONTROL/$(short_hash hkd4vlm-local)"
+  rmdir "$SSH_CONTROL" 2>/dev/null || true
+}
 trap cleanup EXIT
 # A private home for root, in this namespace only: a copy of /etc/passwd naming it (the real /root keeps
 # serving whatever lives there, e.g. the Python the venv links to).
@@ -64,9 +74,15 @@ ray get-auth-token --generate >/dev/null
 
 cd "$ROOT"
 log "ray up"
-ray up -y --no-config-cache configs/cluster/local.yaml
-trap 'log "ray down"; ray down -y configs/cluster/local.yaml || true; cleanup' EXIT
+TMPDIR="$WORK" ray up -y --no-config-cache configs/cluster/local.yaml
+trap 'log "ray down (after a failure)"; TMPDIR="$WORK" ray down -y configs/cluster/local.yaml || true; cleanup' EXIT
 ray status --address 127.0.0.1:6379
+# What the node got: the package, not the checkout (run dirs are the user's results, never shipped).
+test -f "$HOME/hkd4vlm/orchestrator/cli.py" && test -f "$HOME/hkd4vlm/pyproject.toml"
+for kept_out in runs .git mlruns; do
+  [ ! -e "$HOME/hkd4vlm/$kept_out" ] || { log "ray up shipped $kept_out/ to the node"; exit 1; }
+done
+log "ray up: the cluster is up; the node got the package and no run dir"
 # The dashboard (the job server) comes up a few seconds after `ray start` returns; any HTTP answer (401
 # without the token) means it listens.
 dashboard_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8265/api/version)" != 000 ]; }
@@ -75,12 +91,26 @@ dashboard_up || { log "dashboard not up after 120 s"; tail -30 /tmp/ray/session_
 
 TINY="{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 log "ray job submit"
-ray job submit --address http://127.0.0.1:8265 --working-dir . \
+ray job submit --address http://127.0.0.1:8265 --submission-id loopback --working-dir . \
   --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"sqlite:///$WORK/mlflow.db\"}, \"excludes\": [\".venv\", \".git\", \"runs\"]}" \
   -- hkd run configs/quickstart.yaml --run-dir "$WORK/runs/loopback" --set name=loopback \
   --set "levels={S: $TINY}" --set "direct.levels=[S]" --set ppod.enabled=false --set tcrd.enabled=false \
   --set vocab_size=512 --set "data.synth={train: 8, val: 4, test: 4}" \
   --set "direct.train={epochs: 1, batch_size: 4}" --set resources.cpus_per_worker=1 \
   --set "placement={student: {student: 1}}"
-test -f "$WORK/runs/loopback/models/S/model.safetensors"
+status="$(ray job status --address http://127.0.0.1:8265 loopback)"
+[[ "$status" == *"Job 'loopback' succeeded"* ]] || { log "job status: $status"; exit 1; }
+RUN="$WORK/runs/loopback"
+for f in models/S/model.safetensors models/S/config.json models/S/tokenizer.json stages/S-direct.json report.json \
+         logs/hkd.log logs/ray-session.txt; do
+  test -s "$RUN/$f" || { log "the job's run dir lacks $f"; exit 1; }
+done
+[ ! -L "$RUN/logs/ray" ] || { log "the run dir links into Ray's temp dir"; exit 1; }
 log "job SUCCEEDED; its model dir is complete"
+
+log "ray down"
+TMPDIR="$WORK" ray down -y configs/cluster/local.yaml
+trap cleanup EXIT
+for _ in $(seq 10); do pgrep -f 'raylet|gcs_server' >/dev/null || break; sleep 1; done
+if pgrep -af 'raylet|gcs_server'; then log "Ray processes left 10 s after ray down (above)"; exit 1; fi
+log "ray down: no Ray process left"

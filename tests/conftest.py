@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +87,15 @@ tcrd: {{enabled: true, train: {{epochs: 1, batch_size: 4, log_every: 1}}}}
 teachers: {{k: 8, num_cpus: 0.5}}
 resources: {{num_workers: 1, cpus_per_worker: 1}}
 """
+
+
+def copy_checkout(dest: Path) -> Path:
+    """This checkout without .git and what .gitignore names (venv, run dirs, MLflow stores, caches), copied to
+    `dest`: what a fresh clone holds, plus any file not yet committed."""
+    ignored = [line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", *ignored))
+    return dest
 
 
 def hkd_cli(args: list[str], cwd: Path, on_line=None, timeout: float = 900) -> tuple[int, list[str]]:

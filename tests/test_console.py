@@ -40,6 +40,9 @@ def test_dashboard_answers_during_the_run_and_no_state_api_warning(method_run):
     assert method_run.get("url"), "no dashboard URL printed"
     assert method_run["status"] == 200
     logs = method_run["run_dir"] / "logs"
+    # Ray's session logs: a copy made when the run ended, and the session named (no link into /tmp/ray: issue 34)
+    assert (logs / "ray" / "raylet.out").is_file() and not (logs / "ray").is_symlink()
+    assert "copied into" in (logs / "ray-session.txt").read_text()
     texts = [logs / "hkd.log"] + [p for p in (logs / "ray").glob("*") if p.suffix in (".err", ".out", ".log")]
     hits = [str(p) for p in texts if p.is_file() and "State API" in p.read_text(errors="replace")]
     assert not hits, hits
