@@ -16,6 +16,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from workers.calibration import sigmoid  # noqa: E402
 
 TASKS = ("hallucination", "factuality")
+VAL_KEYS = tuple(f"val/{t}/f1" for t in TASKS)
+MARKERS_UNDER = 60  # a series with at most this many logged points gets a marker on each
 
 
 def render_plots(run_dir: Path, rows: dict[str, dict], report: dict, uri: str) -> list[Path]:
@@ -33,34 +35,68 @@ def training_curves(rows: dict[str, dict], uri: str, path: Path) -> Path:
     """Per stage, one column: every loss term against the step (teacher_wait_s on a second axis) above the
     validation macro-F1 per task at the same steps (`val/*`: every `eval_every` steps and each epoch's end)."""
     client = MlflowClient(uri)
-    fig, axes = plt.subplots(2, len(rows), figsize=(4.8 * len(rows), 6.2), squeeze=False, sharex="col")
-    for (loss_ax, val_ax), (name, row) in zip(axes.T, rows.items()):
-        try:
-            keys = sorted(client.get_run(row["mlflow_run_id"]).data.metrics)
-        except MlflowException:  # the stage was recorded in another tracking store (URI changed since)
+    return _save(curves_figure({name: stage_history(client, row["mlflow_run_id"]) for name, row in rows.items()}),
+                 path)
+
+
+def stage_history(client: MlflowClient, run_id: str) -> dict[str, tuple[list[int], list[float]]] | None:
+    """Every logged step of a stage's loss terms, teacher wait and validation macro-F1 per task; None when the
+    stage was recorded in another tracking store (URI changed since)."""
+    try:
+        keys = sorted(client.get_run(run_id).data.metrics)
+    except MlflowException:
+        return None
+    wanted = [k for k in keys if k.startswith("loss") or k == "teacher_wait_s" or k in VAL_KEYS]
+    return {k: _history(client, run_id, k) for k in wanted}
+
+
+def curves_figure(histories: dict[str, dict[str, tuple[list[int], list[float]]] | None]) -> plt.Figure:
+    """The training-curves figure from each stage's history (`stage_history`): every logged point is drawn, with a
+    marker when a series has few, and each loss term's raw values faint under their smoothed line, so a stage of
+    a dozen steps shows its points and a long one its trend."""
+    fig, axes = plt.subplots(2, len(histories), figsize=(4.8 * len(histories), 6.2), squeeze=False, sharex="col")
+    for (loss_ax, val_ax), (name, history) in zip(axes.T, histories.items()):
+        if history is None:
             loss_ax.set(title=f"{name}\n(no history in this store)")
             continue
-        _loss_panel(loss_ax, client, row["mlflow_run_id"], keys)
+        _loss_panel(loss_ax, history)
         loss_ax.set_title(name)
-        for key in [f"val/{t}/f1" for t in TASKS if f"val/{t}/f1" in keys]:
-            steps, values = _history(client, row["mlflow_run_id"], key)
+        for key in [k for k in VAL_KEYS if k in history]:
+            steps, values = history[key]
             val_ax.plot(steps, values, "o-", ms=3, lw=1, label=key.split("/")[1])
         val_ax.set(xlabel="step", ylabel="validation macro-F1", ylim=(0, 1))
-        val_ax.legend(fontsize=6, loc="lower right")
-    return _save(fig, path)
+        if any(k in history for k in VAL_KEYS):
+            val_ax.legend(fontsize=6, loc="lower right")
+    return fig
 
 
-def _loss_panel(ax: plt.Axes, client: MlflowClient, run_id: str, keys: list[str]) -> None:
-    for key in [k for k in keys if k.startswith("loss")]:
-        steps, values = _history(client, run_id, key)
-        ax.plot(steps, values, label=key, lw=1)
-    ax.set(ylabel="loss")
-    if "teacher_wait_s" in keys:
-        steps, values = _history(client, run_id, "teacher_wait_s")
+def _loss_panel(ax: plt.Axes, history: dict[str, tuple[list[int], list[float]]]) -> None:
+    for key in [k for k in history if k.startswith("loss")]:
+        steps, values = history[key]
+        marker = "o" if len(steps) <= MARKERS_UNDER else None
+        raw, = ax.plot(steps, values, lw=0.8, alpha=0.35, marker=marker, ms=3)
+        if len(steps) >= 3:
+            ax.plot(steps, smoothed(values), color=raw.get_color(), lw=1.4, label=key)
+        else:
+            raw.set(alpha=1.0, label=key)
+    ax.set(ylabel="loss (faint: as logged; line: smoothed)")
+    if "teacher_wait_s" in history:
+        steps, values = history["teacher_wait_s"]
         twin = ax.twinx()
-        twin.plot(steps, values, color="grey", lw=0.8, ls=":", label="teacher_wait_s")
+        twin.plot(steps, values, color="grey", lw=0.8, ls=":", label="teacher_wait_s",
+                  marker="." if len(steps) <= MARKERS_UNDER else None)
         twin.set_ylabel("teacher_wait_s")
-    ax.legend(fontsize=6, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="upper right")
+
+
+def smoothed(values: list[float]) -> np.ndarray:
+    """Centred moving average over about √n points (odd; fewer at the ends), so a dozen points are smoothed a
+    little, a thousand a lot, and the line does not lag behind a falling loss as a running average would."""
+    x = np.asarray(values, dtype=float)
+    half = int(np.sqrt(len(x))) // 2
+    kernel = np.ones(2 * half + 1)
+    return np.convolve(x, kernel, mode="same") / np.convolve(np.ones_like(x), kernel, mode="same")
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
