@@ -59,6 +59,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 import torch  # noqa: E402
 
+from orchestrator.machine import describe, probe  # noqa: E402
 from workers.models import LevelShape  # noqa: E402
 
 ALL_PARTS = ("teacher", "student", "lora", "actor", "e2e")
@@ -665,7 +666,8 @@ def main(argv=None) -> int:
         log("WARNING: no CUDA device; running the real shapes on CPU will be very slow (use --tiny)")
     if args.tiny:
         torch.set_num_threads(1)  # like the Ray actor/worker (1 CPU each); 2 shared cores thrash with more
-    ctx.record["meta"] = meta(ctx)
+    ctx.record["meta"] = meta(ctx) | {"machine": probe()}
+    log(f"machine: {describe(ctx.record['meta']['machine'])} ({ctx.record['meta']['machine']['cpu']})")
     log(f"device={ctx.device} dtype={ctx.dtype} parts={args.parts} batch={args.batch} steps={args.steps} "
         f"patches/image={ctx.patches} transformers={ctx.record['meta']['transformers']}")
     ctx.save()

@@ -20,6 +20,7 @@ import ray.data
 import torch
 
 from orchestrator.config import Resources, RunConfig, TrainConfig
+from orchestrator.machine import describe, probe
 from orchestrator.stages import StagePlan, default_stage_loss, fit_stage, stage_job, train_datasets
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
+    print(describe(probe()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
     units, teacher_dir, student_dir = tiny_pair(work, args.steps * args.batch)
     local = in_process(teacher_dir, student_dir, units, args.batch, args.steps)

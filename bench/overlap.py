@@ -23,6 +23,7 @@ from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.models import label_word_ids, load_model_dir
 from workers.prompts import collate_records, encode_records
 from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
+from orchestrator.machine import describe, probe
 from orchestrator.stages import default_stage_loss
 from workers.inference import position_logits
 from workers.objectives import StageObjective
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
+    print(describe(probe()), flush=True)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="overlap-"))
     units, teacher_dir, student_dir = tiny_pair(work, args.steps * args.batch)

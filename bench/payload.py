@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from orchestrator.machine import describe, probe  # noqa: E402
 from workers import synth  # noqa: E402
 from workers.losses import forward_kl, topk_forward_kl  # noqa: E402
 from workers.families import load_processor  # noqa: E402
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = ap.parse_args(argv)
+    print(describe(probe()), file=sys.stderr if args.json else sys.stdout, flush=True)  # stdout stays JSON
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     t0 = time.perf_counter()

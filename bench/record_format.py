@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.tiny_pair import TEACHER  # noqa: E402
+from orchestrator.machine import describe, probe  # noqa: E402
 from workers import synth  # noqa: E402
 from workers.data import load_jsonl  # noqa: E402
 from workers.inference import position_logits, to_device  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    print(describe(probe()), file=sys.stderr if args.json else sys.stdout, flush=True)  # stdout stays JSON
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="record-format-") as tmp:
         work = Path(tmp)

@@ -25,6 +25,7 @@ import ray
 
 from orchestrator import faults
 from orchestrator.config import load_config
+from orchestrator.machine import describe, probe
 from orchestrator.pipeline import _pool_name, run
 from orchestrator.stages import StagePlan, plan_stages
 
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out", help="work dir (default: a temporary one)")
     args = ap.parse_args()
+    print(describe(probe()), flush=True)
     work = Path(args.out or tempfile.mkdtemp(prefix="hkd-soak-")).resolve()
     config = work / "soak.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.backend import BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from orchestrator.machine import describe, probe
 from orchestrator.placement import LOCAL_ONLY_ENV
 from orchestrator.trainer import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fits", type=int, default=6, help="fits per interval, alternated")
     args = ap.parse_args()
+    print(describe(probe()), flush=True)
     os.environ.update(LOCAL_ONLY_ENV)
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": LOCAL_ONLY_ENV})

@@ -324,7 +324,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data, model = build(work, args.records)
-        print(f"load average before: {load_avg()}", flush=True)
+        from orchestrator.machine import describe, probe  # here: the children time their own imports
+
+        print(f"{describe(probe())}; load average before: {load_avg()}", flush=True)
         inproc = run_child("inproc", work, data, model, args.stages, here)
         sides = {"this checkout": run_child("ray-one-fit" if args.one_fit else "ray", work, data, model,
                                             args.stages, here)}
