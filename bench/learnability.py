@@ -32,10 +32,11 @@ from workers.inference import position_logits, target_token_ids, to_device
 from workers.prompts import collate_records, encode_records, record_units
 from workers.optim import lr_at
 
+DIMS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_hidden", "vision_depth", "vision_heads")
 SHAPES = {
-    "L": LevelShape(256, 4, 4, 2, 704, 192, 2, 3),
-    "M": LevelShape(128, 2, 2, 1, 352, 96, 1, 2),
-    "S": LevelShape(64, 1, 2, 1, 176, 48, 1, 2),
+    "L": LevelShape(**dict(zip(DIMS, (256, 4, 4, 2, 704, 192, 2, 3)))),
+    "M": LevelShape(**dict(zip(DIMS, (128, 2, 2, 1, 352, 96, 1, 2)))),
+    "S": LevelShape(**dict(zip(DIMS, (64, 1, 2, 1, 176, 48, 1, 2)))),
 }
 AUTOCAST = {"device_type": "cuda", "dtype": torch.bfloat16}
 
@@ -183,7 +184,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for item in args.shape:
         level, dims = item.split("=")
-        SHAPES[level] = LevelShape(*map(int, dims.split(",")))
+        SHAPES[level] = LevelShape(**dict(zip(DIMS, map(int, dims.split(",")))))
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(","))}
     spec = parse_spec(args.spec)
     work = Path(tempfile.mkdtemp(prefix="learn-"))

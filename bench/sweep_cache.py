@@ -20,7 +20,8 @@ import ray
 import yaml
 
 from orchestrator.config import load_config, read_raw
-from orchestrator.pipeline import init_levels, load_splits, model_dir
+from orchestrator.machine import describe, probe
+from orchestrator.pipeline import init_levels, model_dir
 from orchestrator.stages import plan_stages
 from orchestrator.sweep import run_sweep
 from orchestrator.sweep_config import load_sweep, stage_plan
@@ -31,7 +32,7 @@ CE_WEIGHTS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 def stand_in_run(base: Path, run_dir: Path) -> Path:
     """Data and initial levels of `base` under `run_dir`, each TCRD input model a copy of its level's init."""
     cfg = load_config(base)
-    init = init_levels(cfg, run_dir, load_splits(cfg, run_dir)["train"])
+    init = init_levels(cfg, run_dir)
     level_of = {p.name: p.level for p in plan_stages(cfg)}
     tcrd = stage_plan(cfg, "tcrd")
     for stage in [tcrd.init] + [t["stage"] for t in tcrd.teachers]:
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--from-run", help="a finished `hkd run` of --base (default: a stand-in run dir)")
     p.add_argument("--trials", type=int, default=4, choices=range(2, len(CE_WEIGHTS) + 1))
     args = p.parse_args()
+    print(describe(probe()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="sweep-cache-"))
     base = Path(args.base).resolve()
     from_run = Path(args.from_run).resolve() if args.from_run else stand_in_run(base, work / "runs" / "base")

@@ -6,11 +6,14 @@ from pathlib import Path
 
 from workers import synth
 from workers.data import load_jsonl
-from workers.models import LevelShape, build_level, build_tokenizer
+from workers.models import LevelShape, build_level
 from workers.prompts import record_units
+from workers.vocab import fixed_tokenizer
 
-TEACHER = LevelShape(256, 4, 4, 2, 704, 192, 2, 3)
-STUDENT = LevelShape(128, 2, 2, 1, 352, 96, 1, 2)
+TEACHER = LevelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vision_hidden=192, vision_depth=2,
+                     vision_heads=3)
+STUDENT = LevelShape(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=352, vision_hidden=96, vision_depth=1,
+                     vision_heads=2)
 
 
 def tiny_pair(work: Path, n_units: int) -> tuple[list[dict], Path, Path]:
@@ -19,5 +22,5 @@ def tiny_pair(work: Path, n_units: int) -> tuple[list[dict], Path, Path]:
     synth.generate(work / "data", seed=0, n_train=n_units // 2 + 8, n_val=1, n_test=1)
     records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
     units = record_units(records)
-    tokenizer = build_tokenizer([u["text"] + u["answer"] for u in units] + synth.sample_texts(200))
+    tokenizer = fixed_tokenizer()
     return units, build_level(work / "teacher", TEACHER, tokenizer, 112), build_level(work / "student", STUDENT, tokenizer, 112)

@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     rp.set_defaults(func=_report)
 
+    pt = sub.add_parser("pretrain", help="build the pretrained tiny bases a bases config describes (configs/bases.yaml)")
+    pt.add_argument("config")
+    pt.add_argument("--device", default="cpu", help="cpu or cuda")
+    pt.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    pt.add_argument("--levels", help="comma-separated levels to (re)build; default: all")
+    pt.set_defaults(func=_pretrain)
+
     sw = sub.add_parser("sweep", help="sweep one stage of a finished run with Ray Tune (see configs/sweep_tcrd.yaml)",
                         parents=[loud])
     sw.add_argument("config", help="sweep YAML: base, from_run, stage, space, num_samples, ...")
@@ -128,15 +135,26 @@ def _model_commands(sub, loud: argparse.ArgumentParser) -> None:
     pr.add_argument("model_dir")
     pr.add_argument("file")
     pr.add_argument("--out", required=True, help="predictions JSONL")
+    pr.add_argument("--skip-too-long", action="store_true",
+                    help="write a line saying a record was skipped, instead of refusing the file, when its prompt "
+                         "is longer than the model's context")
     _inference_flags(pr)
     pr.set_defaults(func=_predict)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from orchestrator.bases import build_bases, load_bases_config
+
+    cfg = load_bases_config(args.config)
+    build_bases(cfg, Path(args.config), args.device, args.threads, args.levels.split(",") if args.levels else None)
 
 
 def _validate_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("files", nargs="+")
     v.add_argument("--max-errors", type=int, default=50, help="list at most this many bad lines (default 50)")
     v.add_argument("--labels", action="store_true", help="require labels, as run, evaluate and calibrate do")
-    v.add_argument("--config", help="a run config whose data.field_map, default_task and max_image_pixels apply")
+    v.add_argument("--config", help="a run config whose data.field_map, default_task, max_image_pixels and size cap "
+                                    "(max_text_chars, max_options) apply")
     v.add_argument("--model-dir", help="also refuse prompts longer than this model's context")
     v.set_defaults(func=_validate)
 
@@ -228,13 +246,13 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from workers.data import MAX_IMAGE_PIXELS, validate_files
+    from workers.data import validate_files
 
     data = load_config(args.config).data if args.config else None
     result = validate_files(args.files, data.field_map if data else None, data.default_task if data else None,
                             require_labels=args.labels, max_errors=max(args.max_errors, 0),
-                            max_image_pixels=data.max_image_pixels if data else MAX_IMAGE_PIXELS,
-                            check_more=_length_check(args.model_dir) if args.model_dir else None)
+                            check_more=_length_check(args.model_dir) if args.model_dir else None,
+                            **(data.limits() if data else {}))
     for line in result.errors:
         print(line, file=sys.stderr)
     print(result.summary)
@@ -248,16 +266,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _length_check(model_dir: str):
     """The prompt-length check of `validate --model-dir`: refuses each record longer than the context."""
-    from workers.lengths import context_length, too_long
-    from workers.families import load_processor
+    from workers.lengths import ContextCheck
 
     _check_model_dir(model_dir)
-    processor, limit = load_processor(model_dir), context_length(model_dir)
+    context = ContextCheck(model_dir)
 
     def check(scan, cap: int) -> None:
-        if limit is not None:
-            for line, message in too_long(scan.records, scan.lines, processor, limit):
-                scan.drop(line, message, cap)
+        for line, message in context.problems(scan):
+            scan.drop(line, message, cap)
     return check
 
 
@@ -269,32 +285,45 @@ def _validate_command(args: argparse.Namespace, err: DataError) -> str:
     return " ".join(["hkd data validate", *flags, *err.validate_flags, str(err.path)])
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from workers.data import load_jsonl
-    from workers.evaluate import score_records
+def _scoring_inputs(model_dir: str, paths: list[str], require_labels: bool):
+    """The data files of `evaluate`, `calibrate` or `predict`, each refused at its first bad line, and the model
+    dir's prompt-length check (`workers.lengths.ContextCheck`). The files are read before the model dir's code is
+    imported, so a record past the size cap is refused in a moment."""
+    from workers.data import load_scan
 
-    _check_model_dir(args.model_dir)
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model dir")
+    scans = [load_scan(path, require_labels=require_labels) for path in paths]
+    _check_model_dir(model_dir)
+    from workers.lengths import ContextCheck
+
+    return scans, ContextCheck(model_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
+    from workers.evaluate import score_records  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
-        for path in args.files:
-            scored = score_records(args.model_dir, load_jsonl(path, require_labels=True),
-                                   shift={} if args.no_shift else None, tta=args.tta)
+        for scan in scans:
+            context.refuse(scan)
+        for scan in scans:
+            scored = score_records(args.model_dir, scan.records, shift={} if args.no_shift else None, tta=args.tta)
             for task in sorted({k.split("/")[0] for k in scored["metrics"] if "/" in k}):
                 m = scored["metrics"]
-                row = {"file": path, "task": task, "n": sum(p["task"] == task for p in scored["positions"]),
+                row = {"file": scan.path, "task": task, "n": sum(p["task"] == task for p in scored["positions"]),
                        **{k: m[f"{task}/{k}"] for k in ("f1", "accuracy", "auroc", "ece")}}
                 console.say(json.dumps(row) if args.json else
-                            f"{path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "
+                            f"{scan.path} [{task}] n={row['n']} f1={row['f1']:.4f} acc={row['accuracy']:.4f} "
                             f"auroc={row['auroc']:.4f} ece={row['ece']:.4f}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from workers.data import load_jsonl
-    from workers.evaluate import calibrate_model
-
-    _check_model_dir(args.model_dir)
+    scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
+    from workers.evaluate import calibrate_model  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
-        records = [r for path in args.files for r in load_jsonl(path, require_labels=True)]
-        shift = calibrate_model(args.model_dir, records, tta=args.tta)
+        for scan in scans:
+            context.refuse(scan)
+        shift = calibrate_model(args.model_dir, [r for scan in scans for r in scan.records], tta=args.tta)
         console.say(f"{'task':<14} {'n':>6} {'offset':>9} {'f1 before':>10} {'f1 after':>9} {'ece before':>11} {'ece after':>10}")
         for t, r in shift["val"].items():
             console.say(f"{t:<14} {shift['n'][t]:>6} {r['offset']:>9.4f} {r['f1_before']:>10.4f} "
@@ -303,16 +332,24 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from workers.data import load_jsonl
-    from workers.evaluate import prediction_rows, score_records
-
-    _check_model_dir(args.model_dir)
+    """One output line per input record, in order; with --skip-too-long a record longer than the context gets a
+    `{"id", "skipped": why}` line instead of refusing the file, so a batch job goes on."""
+    (scan,), context = _scoring_inputs(args.model_dir, [args.file], require_labels=False)
+    from workers.evaluate import prediction_rows, score_records  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
-        records = load_jsonl(args.file, require_labels=False)
-        scored = score_records(args.model_dir, records, shift={} if args.no_shift else None, tta=args.tta)
-        rows = prediction_rows(records, scored)
-        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
-        console.say(f"{len(rows)} predictions written to {args.out}")
+        if not args.skip_too_long:
+            context.refuse(scan)
+        skipped = dict(context.problems(scan)) if args.skip_too_long else {}
+        kept = [r for r, line in zip(scan.records, scan.lines) if line not in skipped]
+        scored = score_records(args.model_dir, kept, shift={} if args.no_shift else None, tta=args.tta) if kept else {}
+        rows = iter(prediction_rows(kept, scored) if kept else [])
+        out = [{"id": r["id"], "skipped": skipped[line]} if line in skipped else next(rows)
+               for r, line in zip(scan.records, scan.lines)]
+        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in out))
+        console.say(f"{len(kept)} predictions written to {args.out}")
+        if skipped:
+            where = ", ".join(f"{scan.path}:{line}" for line in list(skipped)[:5]) + (", ..." * (len(skipped) > 5))
+            console.say(f"{len(skipped)} record(s) skipped, their prompt longer than the model's context: {where}")
 
 
 def _check_model_dir(model_dir: str) -> None:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from workers.augment import AugmentConfig
-from workers.data import DataError, decode_utf8
+from workers.data import MAX_OPTIONS, MAX_TEXT_CHARS, DataError, decode_utf8
 from workers.shapes import LevelShape
 from workers.synth import SynthSpec
 
@@ -79,6 +79,10 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, le=178_956_970,
                                   description="images with more pixels are refused from their header, undecoded "
                                               "(at most PIL's own hard limit)")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1, description="the size cap: a record with a longer text field "
+                                                                  "is refused before any tokenizing")
+    max_options: int = Field(MAX_OPTIONS, ge=1, description="the size cap: a record with more options is refused "
+                                                            "before any tokenizing")
     unlabeled: list[str] = Field(default_factory=list, description="contract JSONL files of inputs for the "
                                                                    "distillation stages' KD-only term (labels ignored)")
     unlabeled_use: Literal["kd", "pseudo_labels", "gold_labels"] = Field(
@@ -98,6 +102,11 @@ class DataConfig(Strict):
     def has_unlabeled(self) -> bool:
         """Whether the distillation stages get unlabelled inputs."""
         return bool(self.unlabeled or self.synth.unlabeled)
+
+    def limits(self) -> dict[str, int]:
+        """The loader's limits on a record (`workers.data.load_jsonl` keywords): image pixels and the size cap."""
+        return {"max_image_pixels": self.max_image_pixels, "max_text_chars": self.max_text_chars,
+                "max_options": self.max_options}
 
 
 def fields_of(dc: type) -> dict[str, Any]:
@@ -325,7 +334,11 @@ class Tracking(Strict):
 class RunConfig(Strict):
     name: str = "run"
     seed: int = 0
-    vocab_size: int = Field(1024, ge=256)
+    train_seeds: dict[str, int] = Field(default_factory=dict, description="training seed per level (data order, "
+                                        "augmentation draws, torch's seed) in that level's stages; default `seed`, "
+                                        "which alone decides the benchmark (bench/claim.py sets S's)")
+    vocab_size: int = Field(1024, ge=1024, description="size of the fixed tokenizer of tiny levels built from config "
+                                                     "(`workers.vocab`): every fixed word must be one token")
     data: DataConfig = Field(default_factory=DataConfig)
     levels: dict[str, LevelConfig] = Field(default_factory=dict)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -346,12 +359,17 @@ class RunConfig(Strict):
             named += [("ppod", n) for st in self.ppod.stages for n in [st.student] + [t.level for t in st.teachers]]
         if self.tcrd.enabled:
             named += [("tcrd", n) for n in (self.tcrd.student, self.tcrd.top, self.tcrd.assistant)]
+        named += [("train_seeds", n) for n in self.train_seeds]
         for section, name in named:
             if name not in self.levels:
                 raise ValueError(f"{section} names level {name!r}, which is not under 'levels' ({sorted(self.levels)})")
         for name, over in self.direct.overrides.items():
             TrainConfig(**{**self.direct.train.model_dump(), **over})
         return self
+
+    def train_seed(self, level: str) -> int:
+        """The training seed of a level's stages."""
+        return self.train_seeds.get(level, self.seed)
 
     def teacher_gpus(self, level: str) -> float:
         """GPU share of each teacher replica of a level: a 32B teacher needs a whole GPU where a 7B one fits in

@@ -24,7 +24,8 @@ def probe(seconds: float = 1.0) -> dict:
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return {"gflops_1_thread": round(2 * 1024 ** 3 * n / elapsed / 1e9, 1), "cores": os.cpu_count(), "cpu": _cpu_name()}
+    return {"gflops_1_thread": round(2 * 1024 ** 3 * n / elapsed / 1e9, 1), "cores": os.cpu_count(), "cpu": _cpu_name(),
+            "load_1min": round(os.getloadavg()[0], 1)}
 
 
 def _cpu_name() -> str:
@@ -39,5 +40,6 @@ def _cpu_name() -> str:
 
 
 def describe(info: dict) -> str:
-    """One line: 'one core 17.0 GFLOP/s fp32 matmul, 2 cores'."""
-    return f"one core {info['gflops_1_thread']} GFLOP/s fp32 matmul, {info['cores']} cores"
+    """One line: 'one core 17.0 GFLOP/s fp32 matmul, 2 cores, load 0.4' (a loaded machine probes slow too)."""
+    load = f", load {info['load_1min']}" if "load_1min" in info else ""
+    return f"one core {info['gflops_1_thread']} GFLOP/s fp32 matmul, {info['cores']} cores{load}"

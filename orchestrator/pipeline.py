@@ -19,6 +19,7 @@ from orchestrator.config import ConfigError, RunConfig
 from orchestrator import console
 from orchestrator.pairs import RunInputs
 from orchestrator.placement import init_ray, local_resources
+from orchestrator.machine import describe
 from orchestrator.plots import render_plots
 from orchestrator.progress import step_bar
 from orchestrator.report import machine, markdown_table, mlflow_command, render_markdown, write_report
@@ -26,20 +27,19 @@ from orchestrator.stages import (StagePlan, augmented_epochs, cache_root, encode
                                  fit_stage,
                                  loss_params, mark_done, plan_stages, stage_done, stage_job, stage_loss,
                                  stage_tracking, train_datasets, uses_unlabeled)
-from orchestrator.unlabeled import load_unlabeled, mixed
+from orchestrator.unlabeled import by_task, load_unlabeled, mixed, spread
 from orchestrator.tracking import (check_reachable, driver_tag, end_stale_runs, flatten, log_params, mask_uri,
                                    masked, tracking_uri, using_store)
 from orchestrator.warm_workers import prestart_train_workers, teacher_runtime_env
-from workers import augment, synth
+from workers import synth
 from workers.data import DataError, load_jsonl, scan_file
 from workers.evaluate import calibrate_model, score_records, shifted
-from workers.grounding import GROUNDING_PROMPT
 from workers.lengths import context_length, too_long
-from workers.models import (LevelShape, ModelDirError, build_level, build_tokenizer,
+from workers.models import (LevelShape, ModelDirError, build_level,
                             check_model_dir, count_parameters, load_model_dir)
-from workers.prompts import record_units
 from workers.teacher import TeacherPool
 from workers.type_scores import type_scores
+from workers.vocab import fixed_tokenizer
 
 
 @dataclass
@@ -95,11 +95,11 @@ def run(cfg: RunConfig, run_dir: Path, log=console.say, config_path: str | None 
     (run_dir / "config.json").write_text(json.dumps(masked(cfg.model_dump()), indent=2))
     splits = load_splits(cfg, run_dir)
     unlabeled, meta_unlabeled = unlabeled_inputs(cfg, plans, run_dir, splits)
-    init_dirs = init_levels(cfg, run_dir, splits["train"])
+    init_dirs = init_levels(cfg, run_dir)
     inputs = RunInputs(cfg, plans, init_dirs, first=cfg.direct.levels[0])
     meta = _meta(cfg, plans, splits, uri, started, config_path, overrides) | {"unlabeled": meta_unlabeled}
     _print_plan(cfg, plans, meta, run_dir, inputs.kinds, log)
-    check_prompt_lengths(cfg, run_dir, inputs, init_dirs)
+    check_prompt_lengths(cfg, run_dir, inputs, init_dirs, unlabeled)
     kept = kept or KeptTeachers()
     pools = kept.adopt(plans, prints)
     start_ray(cfg, run_dir, pending[0] if pending else None, pools, log)
@@ -162,9 +162,12 @@ def encode_inputs(splits: dict[str, list[dict]], unlabeled: list[dict], processo
                   also: dict[str, ProcessorMixin] | None = None) -> dict[str, ray.data.Dataset]:
     """Encoded train and val splits, and `train_kd`: what distillation stages train on, the training records
     with the unlabelled ones spread among them (also added to `splits`; the train split itself without any).
-    `also`: the other levels' processors by column prefix (`orchestrator.pairs`)."""
+    Training records are interleaved by task (each epoch then shuffles them, `workers.train_loop`), so no
+    stretch of training sees one task alone. `also`: the other levels' processors by column prefix
+    (`orchestrator.pairs`)."""
+    splits["train"] = spread(by_task(splits["train"]))
     encoded = {s: encode_split(splits[s], processor, also) for s in ("train", "val")}
-    splits["train_kd"] = mixed(splits["train"], unlabeled)
+    splits["train_kd"] = mixed(splits["train"], spread(by_task(unlabeled)))
     encoded["train_kd"] = encode_split(splits["train_kd"], processor, also) if unlabeled else encoded["train"]
     return encoded
 
@@ -178,7 +181,8 @@ def _print_results(report: dict, meta: dict, run_dir: Path, log) -> None:
     log(f"plots:   {run_dir / 'plots'}/")
     log(f"logs:    {run_dir / 'logs'}/")
     log(f"MLflow:  {mlflow_command(meta, run_dir)}   (parent run {meta['mlflow_run_id']})")
-    log(f"done in {meta['wall_s'] / 60:.1f} min")
+    speed = meta.get("machine", {}).get("probe")
+    log(f"done in {meta['wall_s'] / 60:.1f} min" + (f" · {describe(speed)}" if speed else ""))
 
 
 def _meta(cfg: RunConfig, plans: list[StagePlan], splits: dict, uri: str, started: float, config_path: str | None,
@@ -241,33 +245,31 @@ def split_files(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
 
 def _load_args(cfg: RunConfig) -> dict:
     return {"field_map": cfg.data.field_map or None, "require_labels": True, "default_task": cfg.data.default_task,
-            "max_image_pixels": cfg.data.max_image_pixels}
+            **cfg.data.limits()}
 
 
-def check_prompt_lengths(cfg: RunConfig, run_dir: Path, inputs: RunInputs, init_dirs: dict[str, Path]) -> None:
-    """Refuse, before any training, a record whose prompt is longer than a level's context, encoded by that
-    level's processor (once per distinct processor, against the shortest context among its levels).
-
-    Skipped for the generated benchmark, whose prompts are a few dozen tokens: the check encodes every prompt
-    with its image (about as long as the encoding that training does anyway)."""
-    if cfg.data.source == "synth":
-        return
+def check_prompt_lengths(cfg: RunConfig, run_dir: Path, inputs: RunInputs, init_dirs: dict[str, Path],
+                         unlabeled: list[dict]) -> None:
+    """Refuse, before any training, a record whose prompt is longer than a level's context, counted with that
+    level's processor (once per distinct processor, against the shortest context among its levels): every split
+    and the unlabelled inputs the teachers answer for the cache (`workers.lengths`: no image is encoded)."""
     contexts = {level: n for level, d in init_dirs.items() if (n := context_length(d)) is not None}
     shortest: dict[str, str] = {}  # encoding key → its level with the shortest context
     for level in sorted(contexts, key=contexts.get):
         shortest.setdefault(inputs.levels[level].key, level)
-    paths = dict.fromkeys(str(p) for paths in split_files(cfg, run_dir).values() for p in paths)
+    paths = dict.fromkeys([*(str(p) for paths in split_files(cfg, run_dir).values() for p in paths),
+                           *(r["unlabeled_file"] for r in unlabeled)])
     for level in shortest.values():
         for path in paths:
-            scan = scan_file(path, **_load_args(cfg), first_error_only=True)
+            scan = scan_file(path, **{**_load_args(cfg), "require_labels": False}, first_error_only=True)
             for line, message in too_long(scan.records, scan.lines, inputs.levels[level].processor, contexts[level]):
                 raise DataError(f"{path}:{line}: {message} (levels.{level})", path,
                                 ("--model-dir", str(init_dirs[level])))
 
 
-def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dict[str, Path]:
-    """Initial model dir per level: a configured path, or a tiny random-init level built once, all tiny
-    levels sharing one tokenizer trained on the benchmark's texts."""
+def init_levels(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
+    """Initial model dir per level: a configured path, or a tiny random-init level built once, every tiny level
+    with the one fixed tokenizer (`workers.vocab`)."""
     out, tokenizer = {}, None
     image_size = cfg.data.synth.image_size
     for level, lc in cfg.levels.items():
@@ -276,21 +278,17 @@ def init_levels(cfg: RunConfig, run_dir: Path, train_records: list[dict]) -> dic
                 check_model_dir(lc.path)
             except ModelDirError as err:
                 raise ConfigError(f"levels.{level}.path: {err}") from None
-            out[level] = Path(lc.path)
+            local = Path(lc.path)  # a local dir, relative to where hkd runs (workers run elsewhere), or a hub name
+            out[level] = local.resolve() if local.exists() else local
             continue
         target = run_dir / "models" / "init" / level
         if not (target / "config.json").is_file():
             if tokenizer is None:
-                tokenizer = build_tokenizer(_corpus(train_records, cfg.augment.enabled), vocab_size=cfg.vocab_size)
+                tokenizer = fixed_tokenizer(cfg.vocab_size)
             shape = LevelShape(**lc.shape_fields())
             build_level(target, shape, tokenizer, image_size, seed=cfg.seed)
         out[level] = target
     return out
-
-
-def _corpus(records: list[dict], augmenting: bool) -> list[str]:
-    texts = [u["text"] + u["answer"] for u in record_units(records)]
-    return texts + synth.sample_texts(2000) + [GROUNDING_PROMPT] + (augment.vocabulary() if augmenting else [])
 
 
 def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, init_dirs: dict[str, Path],
@@ -323,7 +321,7 @@ def _stage(cfg: RunConfig, run_dir: Path, plan: StagePlan, fingerprint: str, ini
                 log_params(flatten({"stage": plan.train.model_dump(), "loss": loss_params(loss)}))
                 source = "train" if plan.kind == "direct" else "train_kd"  # only distillation sees unlabelled
                 mlflow.log_metric("unlabeled_records", len(splits[source]) - len(splits["train"]))
-                sets = train_datasets(encoded[source], augmented_epochs(cfg, plan.train, splits[source],
+                sets = train_datasets(encoded[source], augmented_epochs(cfg, plan, splits[source],
                                                                         inputs.processor, inputs.also))
                 job = stage_job(cfg, plan, init_dir, out_dir, loss, sets, encoded[source].count(),
                                 stage_tracking(uri), progress, inputs.prefixes[plan.level])
@@ -361,6 +359,7 @@ def _test(out_dir: Path, splits: dict[str, list[dict]], remote_code: bool) -> di
             "test_shift_types": type_scores(splits["test"], scored["positions"], with_shift["prob"]),
             "params": count_parameters(model), "samples_per_s": scored["samples_per_s"],
             "test_units": {"task": [p["task"] for p in scored["positions"]],
+                           "record_id": [p["record_id"] for p in scored["positions"]],
                            "target": [p["target"] for p in scored["positions"]], "margin": scored["margin"].tolist()}}
 
 

@@ -21,10 +21,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 from orchestrator.config import ConfigError, RunConfig, TrainConfig
 from orchestrator.pairs import check_pairs
 from orchestrator.stages import StagePlan, plan_stages
-from workers import synth
 from workers.lora import add_lora
+from workers.vocab import fixed_tokenizer
 from workers.families import FAMILIES, load_processor
-from workers.models import CHAT_TEMPLATE, LevelShape, build_tokenizer, label_word_ids
+from workers.models import CHAT_TEMPLATE, LevelShape, label_word_ids
 
 ACTIVATION_SHARE = 0.15
 GB = 1e9
@@ -80,8 +80,8 @@ def _level(cfg: RunConfig, name: str, model_configs: list[Path]) -> Level:
 
 @functools.lru_cache(maxsize=2)
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Stands in for the run's tokenizer (trained on its data): same size, same special tokens and label words."""
-    return build_tokenizer(synth.sample_texts(300), vocab_size=vocab_size)
+    """The tiny levels' fixed tokenizer at the run's size."""
+    return fixed_tokenizer(vocab_size)
 
 
 def _hf_config(name: str, path: str, model_configs: list[Path]) -> tuple[PretrainedConfig, tuple]:

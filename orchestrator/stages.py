@@ -22,6 +22,7 @@ from orchestrator.errors import StageError
 from orchestrator.placement import scaling, torch_threads
 from workers.contract import CacheSpec, StageJob, StageLossConfig, TeacherInputs, TeacherSpec, TrainSettings
 from workers.entry_points import grounding_loop_per_worker, train_loop_per_worker
+from workers.identity import PROMPT_FORMAT_VERSION, weights_hash
 from workers.shapes import LevelShape
 from workers.synth import SynthSpec
 
@@ -53,7 +54,7 @@ def stage_job(cfg: RunConfig, plan: StagePlan, init_dir: Path, out_dir: Path, lo
     `inputs`: the column prefix of the student's encoding ("": the run's first level's)."""
     return StageJob(model_dir=str(init_dir), out_dir=str(out_dir), train=train_settings(plan.train), loss=loss,
                     n_units=n_units, train_sets=tuple(train_sets), threads=torch_threads(cfg.resources),
-                    seed=cfg.seed, tracking=tracking, progress=str(progress) if progress else None,
+                    seed=cfg.train_seed(plan.level), tracking=tracking, progress=str(progress) if progress else None,
                     trust_remote_code=cfg.levels[plan.level].trust_remote_code, inputs=inputs)
 
 
@@ -183,7 +184,7 @@ def cache_root(cfg: RunConfig, run_dir: Path) -> str:
     return cfg.cache.path or str(run_dir / "teacher_cache")
 
 
-def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict], processor: ProcessorMixin,
+def augmented_epochs(cfg: RunConfig, plan: StagePlan, records: list[dict], processor: ProcessorMixin,
                      also: dict[str, ProcessorMixin] | None = None) -> list[ray.data.Dataset] | None:
     """Per-epoch augmented training data when `augment.enabled`, else None (the shared encoded set); encoded like
     the run's splits (`encode_split`'s `processor` and `also`)."""
@@ -191,7 +192,8 @@ def augmented_epochs(cfg: RunConfig, train: TrainConfig, records: list[dict], pr
         return None
     from workers.epoch_data import epoch_datasets
 
-    return epoch_datasets(records, processor, math.ceil(train.epochs), cfg.seed, cfg.augment.transforms(), also)
+    return epoch_datasets(records, processor, math.ceil(plan.train.epochs), cfg.train_seed(plan.level),
+                          cfg.augment.transforms(), also)
 
 
 def one_worker_iterators(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.DataIterator]:
@@ -306,12 +308,15 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     """Per stage, a hash of everything its result depends on: data, seed, vocabulary, its level, its own
     plan and, recursively, the stages it starts from or learns from. Equal fingerprints mean
     interchangeable results (a re-run skips them, an ablation shares them)."""
-    # data.max_image_pixels only decides which inputs are refused, never what an accepted run computes; the
-    # unlabelled inputs enter only the stages that train on them (so the other stages' fingerprints stay)
+    # data.max_image_pixels and the size cap only decide which inputs are refused, never what an accepted run
+    # computes; the unlabelled inputs enter only the stages that train on them (so the other stages' fingerprints
+    # stay)
     run = cfg.model_dump(include={"seed", "vocab_size", "data", "augment", "pretrain"},
-                         exclude={"data": {"max_image_pixels": True, "unlabeled": True, "unlabeled_use": True,
-                                           "synth": {"unlabeled"}}})
+                         exclude={"data": {"max_image_pixels": True, "max_text_chars": True, "max_options": True,
+                                           "unlabeled": True, "unlabeled_use": True, "synth": {"unlabeled"}}})
     run["k"], run["num_workers"] = cfg.teachers.k, cfg.resources.num_workers
+    run["prompt_format"] = PROMPT_FORMAT_VERSION
+    weights = {lv: weights_hash(lc.path) for lv, lc in cfg.levels.items() if lc.path and Path(lc.path).is_dir()}
     out: dict[str, str] = {}
     for p in plans:
         deps = ([out[p.init]] if p.init else []) + [out[t["stage"]] for t in p.teachers]
@@ -320,12 +325,16 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
                 "ce_weight": p.ce_weight, "teachers": p.teachers, "sharpness": p.sharpness}
         if p.kd != KDSettings():  # only a non-default divergence enters: runs from before `kd_loss` keep theirs
             plan["kd"] = p.kd.model_dump()
+        if p.level in cfg.train_seeds:  # only a seed of its own enters: other stages keep their fingerprints
+            plan["train_seed"] = cfg.train_seeds[p.level]
         if uses_unlabeled(cfg, p):
             plan["unlabeled"] = {"weight": p.unlabeled_weight, "files": cfg.data.unlabeled,
                                  "synth": cfg.data.synth.unlabeled, "use": cfg.data.unlabeled_use}
         level = cfg.levels[p.level].model_dump()
         if level["family"] == LevelShape.family:  # only another family enters: runs from before `family` keep theirs
             del level["family"]
+        if p.level in weights:  # a local base: its weights, so a rebuilt base never reuses old stages
+            level["weights"] = weights[p.level]
         blob = json.dumps({"run": run, "level": level, "plan": plan, "deps": deps},
                           sort_keys=True)
         out[p.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]

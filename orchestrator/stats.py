@@ -59,8 +59,8 @@ def interval(targets: Sequence[int], scores: Sequence[float], records: Sequence,
     """Percentile bootstrap interval of one row's `metric` ('f1': macro-F1, 'accuracy', 'auroc'), resampling
     whole records. `scores` are P(positive) per decision (decision: score ≥ 0.5); `records[i]` names decision
     i's record (any hashable: the record id)."""
-    value, draws = _bootstrap(targets, [scores], records, metric, resamples, seed)
-    low, high = _percentiles(draws[0], level)
+    value, draws = bootstrap_draws(targets, [scores], records, metric, resamples, seed)
+    low, high = percentile_interval(draws[0], level)
     return Interval(float(value[0]), low, high)
 
 
@@ -70,13 +70,13 @@ def paired_gain(targets: Sequence[int], scores_a: Sequence[float], scores_b: Seq
     interval (both rows scored on the same resampled records each time). Score both rows the same way (both
     without the mapping shift, or each with its own). Identical rows give exactly [0, 0]; a constant row (every
     score equal) is the guess that ignores the input."""
-    value, draws = _bootstrap(targets, [scores_a, scores_b], records, metric, resamples, seed)
-    low, high = _percentiles(draws[0] - draws[1], level)
+    value, draws = bootstrap_draws(targets, [scores_a, scores_b], records, metric, resamples, seed)
+    low, high = percentile_interval(draws[0] - draws[1], level)
     return Gain(float(value[0] - value[1]), low, high)
 
 
-def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
-    """The central `level` percentile interval; resamples where the metric is undefined (AUROC of a resample
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap draws; resamples where the metric is undefined (AUROC of a resample
     with one class only) are left out."""
     values = values[~np.isnan(values)]
     if not len(values):
@@ -85,10 +85,11 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _bootstrap(targets: Sequence[int], rows: list[Sequence[float]], records: Sequence, metric: str,
-               resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_draws(targets: Sequence[int], rows: list[Sequence[float]], records: Sequence, metric: str = "f1",
+                    resamples: int = RESAMPLES, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the metric on the test set, and on each of `resamples` draws of the records with replacement
-    (the same draws for every row). Returns (values (rows,), draws (rows, resamples))."""
+    (the same draws for every row, so any combination of rows is paired: `bench/claim.py`'s seed-mean gain).
+    Returns (values (rows,), draws (rows, resamples))."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: one of {', '.join(METRICS)}")
     target = np.asarray(targets, dtype=int)

@@ -179,7 +179,7 @@ def _augmented(cfg: RunConfig, plan: StagePlan, ctx: TrialContext) -> list[ray.d
         return None
     from workers.families import load_processor
 
-    return augmented_epochs(cfg, plan.train, ctx.records, load_processor(ctx.init_dir),
+    return augmented_epochs(cfg, plan, ctx.records, load_processor(ctx.init_dir),
                             {prefix: load_processor(d) for prefix, d in ctx.also_dirs.items()})
 
 

@@ -38,7 +38,7 @@ def load_unlabeled(cfg: RunConfig, run_dir: Path, splits: dict[str, list[dict]],
 
 def _load_args(cfg: RunConfig) -> dict:
     return {"field_map": cfg.data.field_map or None, "require_labels": cfg.data.unlabeled_use == "gold_labels",
-            "default_task": cfg.data.default_task, "max_image_pixels": cfg.data.max_image_pixels}
+            "default_task": cfg.data.default_task, **cfg.data.limits()}
 
 
 def generated_unlabeled(cfg: RunConfig, run_dir: Path, held_out: list[dict],
@@ -93,11 +93,21 @@ def check_ids(unlabeled: list[dict], train: list[dict]) -> None:
 def mixed(train: list[dict], unlabeled: list[dict]) -> list[dict]:
     """Training plus unlabelled records, the unlabelled spread evenly through the training order, so that
     batches mix both and no batch is left without labelled positions when there are enough of them."""
-    if not unlabeled:
-        return train
-    at = [((i + 0.5) / len(train), 0, i) for i in range(len(train))]
-    at += [((j + 0.5) / len(unlabeled), 1, j) for j in range(len(unlabeled))]
-    return [(unlabeled if which else train)[i] for _, which, i in sorted(at)]
+    return spread([train, unlabeled]) if unlabeled else train
+
+
+def by_task(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by task, in their order (the files store one task after the other)."""
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(rec["task"], []).append(rec)
+    return list(groups.values())
+
+
+def spread(groups: list[list[dict]]) -> list[dict]:
+    """The groups' records interleaved, each group spread evenly through the whole order (its own order kept)."""
+    at = [((i + 0.5) / len(g), k, i) for k, g in enumerate(groups) for i in range(len(g))]
+    return [groups[k][i] for _, k, i in sorted(at)]
 
 
 def have_labels(cfg: RunConfig) -> bool:

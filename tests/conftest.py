@@ -73,7 +73,7 @@ TINY_YAML = ("{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, v
 # distillation stages also learning from generated unlabelled inputs.
 METHOD_CONFIG = f"""
 name: method
-vocab_size: 512
+vocab_size: 1024
 data: {{source: synth, synth: {{train: 6, val: 4, test: 4, unlabeled: 2}}}}
 levels: {{L: {TINY_YAML}, M: {TINY_YAML}, S: {TINY_YAML}}}
 direct: {{levels: [L, M, S], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}

@@ -269,3 +269,95 @@ def test_training_inputs_see_the_converted_image(d, tiny_model_dir):
     enc = encode_records(record_units(records), load_processor(tiny_model_dir))
     pixels = [np.asarray(p, dtype=np.float32) for p in enc["pixel_values"]]
     assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[2], pixels[3])
+
+
+# ------------------------------------------------ scoring commands: the size cap, then the prompt-length check
+
+SENTENCE = "the small red square is left of a large blue circle near the top edge of the photo".split()
+SCORING = ["evaluate", "predict", "calibrate"]
+
+
+def _words(n: int) -> str:
+    return " ".join(SENTENCE[i % len(SENTENCE)] for i in range(n))
+
+
+def _options(n: int) -> dict:
+    return {"options": [f"object {i}" for i in range(n)], "hallucinated": [i % 2 == 0 for i in range(n)]}
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory, tiny_model_dir) -> Path:
+    """A copy of the tiny model dir (a 4,096-position context): `calibrate` stores its shift in the dir."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("scorer") / "model"))
+
+
+def _score(command: str, model: Path, data: Path, *flags: str) -> tuple[int, float]:
+    """Exit code and wall seconds of a scoring command on one file."""
+    import time
+
+    out = ["--out", str(data.with_suffix(".preds.jsonl"))] if command == "predict" else []
+    start = time.perf_counter()
+    code = main([command, str(model), str(data), *out, *flags])
+    return code, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("command", SCORING)
+@pytest.mark.parametrize("long", [{"claim": _words(6000)}, _options(5000)], ids=["6000-word claim", "5000 options"])
+def test_prompt_longer_than_the_context_refused_by_every_scoring_command(d, capsys, scorer, command, long):
+    rec = (_fact(2, **long) if "claim" in long else _hall(2, **long))
+    p = _write(d, [_fact(1), rec, _hall(3)])
+    code, seconds = _score(command, scorer, p)
+    err = capsys.readouterr().err
+    assert code == 2 and seconds < 10, (code, seconds)
+    line = next(x for x in err.splitlines() if x.startswith(f"hkd: error: {p}:2: prompt is "))
+    assert line.endswith("tokens after tokenization, longer than the model's context of 4,096 tokens")
+    assert int(line.split("prompt is ")[1].split(" tokens")[0].replace(",", "")) > 4096
+    labels = "--labels " if command != "predict" else ""
+    assert f"`hkd data validate {labels}--model-dir {scorer} {p}` lists every bad line" in err
+    assert not p.with_suffix(".preds.jsonl").exists() and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", SCORING)
+def test_size_cap_refuses_a_huge_claim_before_any_tokenizing(d, capsys, scorer, command):
+    p = _write(d, [_fact(1), _fact(2, claim=_words(300_000))])
+    code, seconds = _score(command, scorer, p)
+    assert code == 2 and seconds < 2, (code, seconds)
+    err = capsys.readouterr().err
+    assert f"{p}:2: field 'claim' is {len(_words(300_000)):,} characters, above data.max_text_chars (1,310,720)" in err
+
+
+def test_validate_config_applies_the_size_cap_and_the_length_check_takes_the_rest(d, capsys, scorer, tmp_path):
+    """The 300,000-word claim is past the default cap; the 6,000-word one is not, and only the model's context
+    refuses it. A config's own cap (text characters, options) applies to `validate --config`."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("levels: {L: {}, M: {}, S: {}}\n")
+    huge, long = _write(d, [_fact(1, claim=_words(300_000))], "huge.jsonl"), _write(d, [_fact(1, claim=_words(6000))])
+    code, _, err = _validate(capsys, "--config", cfg, huge)
+    chars = len(_words(300_000))
+    assert code == 2
+    assert f"{huge}:1: field 'claim' is {chars:,} characters, above data.max_text_chars (1,310,720)" in err
+    assert _validate(capsys, "--config", cfg, long)[0] == 0
+    code, _, err = _validate(capsys, "--config", cfg, "--model-dir", scorer, long)
+    assert code == 2 and f"{long}:1: prompt is " in err
+    cfg.write_text("levels: {L: {}, M: {}, S: {}}\ndata: {max_text_chars: 30, max_options: 2}\n")
+    p = _write(d, [_fact(1, context="a photo of a red square on a white table"), _hall(2), _fact(3)], "cap.jsonl")
+    code, _, err = _validate(capsys, "--config", cfg, p)
+    assert code == 2 and f"{p}:1: field 'context' is 40 characters, above data.max_text_chars (30)" in err
+    assert f"{p}:2: field 'options' has 3 items, above data.max_options (2)" in err and f"{p}:3:" not in err
+
+
+def test_predict_skip_too_long_keeps_one_line_per_record_in_order(d, capsys, scorer):
+    records = [_fact(1), _fact(2, claim=_words(6000)), _hall(3), _hall(4, **_options(5000))]
+    p = _write(d, records)
+    assert _score("predict", scorer, p, "--skip-too-long")[0] == 0
+    rows = [json.loads(x) for x in p.with_suffix(".preds.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["f1", "f2", "h3", "h4"]
+    for row in rows[1::2]:
+        assert set(row) == {"id", "skipped"} and "longer than the model's context of 4,096 tokens" in row["skipped"]
+    out = capsys.readouterr().out
+    assert "2 predictions written" in out and "2 record(s) skipped" in out and f"{p}:2, {p}:4" in out
+    short = _write(d, [records[0], records[2]], "short.jsonl")
+    assert _score("predict", scorer, short)[0] == 0
+    assert [json.loads(x) for x in short.with_suffix(".preds.jsonl").read_text().splitlines()] == rows[0::2]

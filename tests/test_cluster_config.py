@@ -99,7 +99,8 @@ def test_mounts_ship_what_the_setup_installs_under_one_root(name):
     """`pip install -e <root>` on each node needs pyproject.toml, its readme and its packages, side by side."""
     config = _validated(_load(name))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    need = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]}
+    need = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"], "configs",
+            "bases"}  # the shipped configs and the bases they start from
     mounts = {Path(local).as_posix(): Path(remote) for remote, local in config["file_mounts"].items()}
     assert need <= set(mounts), need - set(mounts)
     roots = {remote.parent.as_posix().replace(f"/home/{config['auth']['ssh_user']}", "~") for remote in mounts.values()}

@@ -164,7 +164,7 @@ def test_label_word_that_is_not_one_token_refused_naming_level_and_word(two_fami
 CHAIN = (("Q", "qwen3_vl"), ("S", "smolvlm"), ("D", "idefics3"), ("G", "gemma3"), ("I", "internvl"))
 CHAIN_CONFIG = f"""
 name: chain
-vocab_size: 512
+vocab_size: 1024
 data: {{source: synth, synth: {{train: 6, val: 2, test: 2, image_size: 56, max_objects: 3}}}}
 levels: {{{", ".join(f"{lv}: {tiny(fam)}" for lv, fam in CHAIN)}}}
 direct: {{levels: [Q], train: {{epochs: 1, batch_size: 4, log_every: 1}}}}

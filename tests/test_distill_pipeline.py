@@ -110,3 +110,21 @@ def _assert_unlabelled_inputs(run_dir, runs: dict, pseudo: dict, gold: dict) -> 
     assert np.isfinite(pseudo["S+PPOD+TCRD"].data.metrics["loss_unlabeled"])
     assert "loss_unlabeled" not in gold["S+PPOD+TCRD"].data.metrics
     assert gold["S+PPOD+TCRD"].data.metrics["unlabeled_records"] == counts["records"]
+
+
+def test_claim_bench_scores_a_finished_run(method_run):
+    """bench/claim.py reads a finished run's own stage results (no extra seed here: each costs its S stages) and
+    prints the paired gain of the final S over S-direct, both unshifted and each with its own shift."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "claim.py"), "--from-run", str(method_run["run_dir"]),
+                           "--seeds", ""], capture_output=True, text=True, timeout=300, cwd=method_run["tmp"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("paired bootstrap 95%") == 2 and "## each with its own shift" in proc.stdout
+    claim = json.loads((method_run["run_dir"] / "claim" / "claim.json").read_text())
+    assert set(claim) == {"no shift", "each with its own shift"}
+    gain = claim["no shift"]["gain_over_direct"]
+    assert gain["interval"][0] <= gain["mean"] <= gain["interval"][1]

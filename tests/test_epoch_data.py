@@ -122,3 +122,30 @@ def test_augment_section_mirrors_augment_config(tmp_path):
     path.write_text("levels: {S: {}}\ndirect: {levels: [S]}\naugment: {crop_scale: 1.5}\n")
     with pytest.raises(ConfigError, match="'augment.crop_scale': Input should be less than 1"):
         load_config(path)
+
+
+def test_training_order_interleaves_the_tasks():
+    """The files store one task after the other; training must not see one task alone for half an epoch."""
+    from orchestrator.unlabeled import by_task, spread
+
+    records = [{"id": f"h{i}", "task": "hallucination"} for i in range(30)]
+    records += [{"id": f"f{i}", "task": "factuality"} for i in range(10)]
+    order = spread(by_task(records))
+    assert sorted(r["id"] for r in order) == sorted(r["id"] for r in records)
+    for start in range(0, 40, 8):  # every window of 8 holds both tasks, each task in its own order
+        assert {r["task"] for r in order[start:start + 8]} == {"hallucination", "factuality"}
+    assert [r["id"] for r in order if r["task"] == "factuality"] == [f"f{i}" for i in range(10)]
+
+
+def test_each_epoch_is_shuffled_from_its_seed(ray_session):
+    from workers.train_loop import shuffled_batches
+
+    ds = ray.data.from_items([{"i": i} for i in range(256)]).materialize()
+
+    def epoch(seed: int, e: int) -> list[int]:
+        return [int(i) for b in shuffled_batches(ds.iterator(), 32, seed, e) for i in b["i"]]
+
+    first = epoch(0, 0)
+    assert sorted(first) == list(range(256)) and first != list(range(256))
+    assert epoch(0, 0) == first  # deterministic
+    assert epoch(0, 1) != first and epoch(1, 0) != first  # anew per epoch and per training seed

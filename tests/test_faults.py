@@ -31,7 +31,7 @@ TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_
 EPOCHS = 2
 CONFIG = f"""
 name: faults
-vocab_size: 512
+vocab_size: 1024
 data: {{source: synth, synth: {{train: 40, val: 4, test: 4}}}}
 levels: {{L: {TINY}, S: {TINY}}}
 direct: {{levels: [L], train: {{epochs: 1, batch_size: 8, log_every: 1}}}}
@@ -69,31 +69,40 @@ def _in_background(fault, *args) -> threading.Thread:
     return thread
 
 
-def _wait(condition, timeout: float, what: str):
+def _wait(condition, timeout: float, what: str, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def _steps(run_dir: Path, metric: str = "loss") -> list[int]:
-    """Steps the running S+PPOD has logged (none before it started)."""
+    """Steps the running S+PPOD has logged to MLflow (none before it started)."""
     if not faults.stage_started(run_dir / "ray", STAGE):
         return []
     return faults.logged_steps(_uri(run_dir), STAGE, metric)
 
 
+def _progress(run_dir: Path) -> dict:
+    """Rank 0's progress file of the running S+PPOD (`{"step", "total", ...}`; {} before it is written)."""
+    try:
+        return json.loads((run_dir / "ray" / f"{STAGE}.progress").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _between_checkpoints(run_dir: Path) -> bool:
-    """Attempt 1 has logged a step past its latest checkpoint, at least two steps before the next one (so a
-    kill now lands between checkpoints)."""
-    ckpts, steps = _steps(run_dir, "val/f1"), _steps(run_dir)
-    if not ckpts or not steps:
+    """The kill window, read from the stage's own files as it runs (two small files, polled every 0.1 s; no MLflow
+    poll whose window can close between two polls on a fast machine): Ray Train has registered the first epoch's
+    checkpoint, and rank 0's progress file shows a later step, at least two before the stage's last."""
+    state = _progress(run_dir)
+    if not state:
         return False
-    steps_per_epoch, last = ckpts[0], ckpts[-1]
-    return last + 1 <= steps[-1] <= last + steps_per_epoch - 2
+    registered, _ = faults.registered_checkpoint(run_dir / "ray", STAGE)
+    return state["total"] // EPOCHS <= registered < state["step"] <= state["total"] - 2
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +159,9 @@ def test_teacher_then_train_worker_killed_mid_stage_recovers_and_matches(config,
     uri, storage, seen = _uri(run_dir), run_dir / "ray", {}
 
     def kill_teacher_then_worker():
-        _wait(lambda: len(_steps(run_dir)) >= 3, 1200, "S+PPOD steps")
+        _wait(lambda: _progress(run_dir).get("step", 0) >= 3, 1200, "S+PPOD steps", every=0.1)
         seen["teacher_pid"] = faults.kill_teacher(_pool_name(run_dir, "L-direct"))
-        _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints")
+        _wait(lambda: _between_checkpoints(run_dir), 1200, "a step between two checkpoints", every=0.1)
         seen["resumed_before"] = _history(run_dir, _runs(run_dir)[STAGE][-1], "resumed_from_step")
         seen["logged_ckpt"] = max(faults.logged_steps(uri, STAGE, "val/f1"))
         seen["registered_at_kill"], _ = faults.registered_checkpoint(storage, STAGE)
@@ -204,7 +213,8 @@ def test_driver_killed_then_same_command_resumes(config, reference, tmp_path):
         driver = subprocess.Popen(_hkd_run(config, run_dir), env=_own_env(), start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 1200, "a step between checkpoints")
+        _wait(lambda: driver.poll() is not None or _between_checkpoints(run_dir), 1200, "a step between checkpoints",
+              every=0.1)
         assert driver.poll() is None, f"the driver ended before the kill:\n{log.read_text()[-3000:]}"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()

@@ -55,6 +55,8 @@ CAUSES = [
     r"cannot decode image .+: (not an image file PIL can identify|the file is truncated|corrupt image data \(.+\))",
     r"image is \d+x\d+ = [\d,]+ pixels, above data\.max_image_pixels \([\d,]+\): .+",
     r"image has more than [\d,]+ pixels, above data\.max_image_pixels \([\d,]+\): .+",
+    r"field '[a-z]+(\[\d+\])?' is [\d,]+ characters, above data\.max_text_chars \([\d,]+\)",
+    r"field '[a-z]+' has [\d,]+ items, above data\.max_options \([\d,]+\)",
     r"file is empty",
     r"a \.json data file must hold one array of records",
 ]

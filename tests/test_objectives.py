@@ -95,18 +95,18 @@ def test_default_divergence_keeps_fingerprints():
     assert [n for n in before if before[n] != after[n]] == ["S+PPOD+TCRD"]
 
 
-# Stored from the code before issue 14 (commit d56c537): typing the contract and adding `kd_loss` must not
-# make a finished run's stages look like another config's.
+# Stored at prompt format 2 (issue 30: the shipped configs start from the pretrained bases, whose weights enter the
+# fingerprint, and Task 2's decision moved; before, from d56c537, issue 14): typing or moving code must not make a
+# finished run's stages look like another config's.
 STORED_FINGERPRINTS = {
-    "configs/quickstart.yaml": {"L-direct": "b85112c38c1c93fa", "M-direct": "444949b97f60313e",
-                                "S-direct": "f56f29572c470210", "M+PPOD": "26eab09f926acc85",
-                                "S+PPOD": "17e72a307333b64e", "S+PPOD+TCRD": "e454ece24acc7773"},
-    "configs/paper.yaml": {"L-grounding": "55567fcb1cadc13a", "M-grounding": "4bf97757e2df3c76",
-                           "S-grounding": "4e370f15976ea307", "L-direct": "bcc521ff1c37570b",
-                           "M-direct": "82f09dab2d3d2cc6", "S-direct": "218a44b1f64d6194", "M+PPOD": "961e00eb838c85ee",
-                           "S+PPOD": "641fa686a21436a0", "S+PPOD+TCRD": "2cd7f663aaa8b475"},
-    "configs/challenge.yaml": {"L-direct": "6cf8f241e133c794", "S-direct": "e07f5f514d344876",
-                               "S+TCRD": "bc2323119a6c1af9"},
+    "configs/quickstart.yaml": {"L-direct": "cf9de778fce57058", "M-direct": "26e8fa94e5b7243d",
+                                "S-direct": "c7396ab97b72498d", "M+PPOD": "33b7863bf120ff3e",
+                                "S+PPOD": "8c1d61a4102f52d4", "S+PPOD+TCRD": "947be142a85356f1"},
+    "configs/paper.yaml": {"L-direct": "5e0952c186aac9ec", "M-direct": "ef876aa9c3e5e5ef",
+                           "S-direct": "f2221fc3144da864", "M+PPOD": "eb2111b323273628", "S+PPOD": "eb8d8b1501e62f27",
+                           "S+PPOD+TCRD": "7873de8187b3948a"},
+    "configs/challenge.yaml": {"L-direct": "9439211ab5067802", "S-direct": "0509209829e37c8b",
+                               "S+TCRD": "c58a2da3188f7635"},
 }
 
 

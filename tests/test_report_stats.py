@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from orchestrator import stats
-from orchestrator.machine import probe
+from orchestrator.machine import describe, probe
 from orchestrator.report import render_markdown, write_report
 from workers.calibration import calibrate, sigmoid
 from workers.metrics import binary_metrics
@@ -163,6 +163,7 @@ def test_what_ran_gives_the_machine_speed(tmp_path):
                                                                                             "probe": speed}}))
     (tmp_path / "config.json").write_text(json.dumps({"resources": {"num_workers": 1, "cpus_per_worker": 2}}))
     md = render_markdown(tmp_path)
-    line = f"one core {speed['gflops_1_thread']} GFLOP/s fp32 matmul, {speed['cores']} cores"
+    line = describe(speed)
+    assert line.startswith(f"one core {speed['gflops_1_thread']} GFLOP/s fp32 matmul, {speed['cores']} cores")
     assert f"wall time: 5.0 min ( → ) · {line}" in md
     assert f"machine speed: {line} ({speed['cpu']}; probe at the start" in md and "train workers: 1 × 2 CPUs" in md

@@ -23,7 +23,7 @@ def _config(tmp_path, extra: str = "", levels: str = f"{{S: {SHAPE}}}", data: st
     path = tmp_path / "c.yaml"
     path.write_text(f"""
 name: refusals
-vocab_size: 512
+vocab_size: 1024
 data: {data or '{source: synth, synth: {train: 4, val: 2, test: 2}}'}
 levels: {levels}
 direct: {{levels: [{direct}], train: {{epochs: 1, batch_size: 4}}}}
@@ -101,6 +101,38 @@ def test_prompt_longer_than_the_context_refused_before_training(tmp_path, capsys
     err = _refused(tmp_path, capsys, _config(tmp_path, data=data))
     assert f"{train}:2: prompt is " in err and "longer than the model's context of 4,096 tokens (levels.S)" in err
     assert f"--model-dir {tmp_path / 'runs' / 'r' / 'models' / 'init' / 'S'} {train}`" in err
+
+
+def test_generated_data_longer_than_a_path_levels_context_refused(tmp_path, capsys, tiny_model_dir):
+    """The generated benchmark's prompts are checked too: a level given by `path` may have a short context."""
+    short = tmp_path / "short"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 48
+    (short / "config.json").write_text(json.dumps(config))
+    err = _refused(tmp_path, capsys, _config(tmp_path, levels=f"{{S: {{path: '{short}'}}}}"))
+    train = tmp_path / "runs" / "r" / "data" / "hallucination" / "train.jsonl"
+    assert f"{train}:1: prompt is " in err and "longer than the model's context of 48 tokens (levels.S)" in err
+
+
+def test_unlabelled_input_longer_than_the_context_refused_before_training(tmp_path, capsys, bench_dir):
+    """The teachers answer for the unlabelled inputs too (the teacher cache is filled with them): their prompts are
+    checked like the splits'."""
+    lines = (bench_dir / "factuality" / "train.jsonl").read_text().splitlines()
+    for image in {json.loads(line)["image"] for line in lines}:
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bench_dir / "factuality" / image, tmp_path / image)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    long = {**json.loads(lines[4]), "id": "u2",
+            "context": " ".join(["the red square is left of the blue circle"] * 600)}
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text(lines[5] + "\n" + json.dumps(long) + "\n")
+    data = (f"{{source: files, files: {{train: ['{tmp_path / 'train.jsonl'}'], test: ['{tmp_path / 'train.jsonl'}']}}, "
+            f"unlabeled: ['{unlabeled}']}}")
+    extra = "ppod: {enabled: true, stages: [{student: S, teachers: [{level: L}]}]}"
+    err = _refused(tmp_path, capsys, _config(tmp_path, extra, levels=f"{{L: {SHAPE}, S: {SHAPE}}}", data=data,
+                                             direct="L"))
+    assert f"{unlabeled}:2: prompt is " in err and "longer than the model's context of 4,096 tokens (levels." in err
 
 
 def test_incomplete_level_model_dir_refused(tmp_path, capsys, tiny_model_dir):

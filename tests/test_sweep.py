@@ -16,13 +16,13 @@ from ray.util.placement_group import placement_group
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
 from orchestrator.orphans import remove_orphaned_placement_groups
-from orchestrator.pipeline import init_levels, load_splits
+from orchestrator.pipeline import init_levels
 from orchestrator.sweep_config import load_sweep
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 BASE = f"""
 name: base
-vocab_size: 512
+vocab_size: 1024
 data: {{source: synth, synth: {{train: 6, val: 4, test: 4}}}}
 levels: {{L: {TINY}, M: {TINY}, S: {TINY}}}
 direct: {{levels: [L, M, S], train: {{epochs: 1, batch_size: 4}}}}
@@ -80,7 +80,7 @@ def from_run(tmp_path, base):
     trained ones; the sweep only needs model dirs)."""
     run_dir = tmp_path / "runs" / "base"
     cfg = load_config(base)
-    for level, init_dir in init_levels(cfg, run_dir, load_splits(cfg, run_dir)["train"]).items():
+    for level, init_dir in init_levels(cfg, run_dir).items():
         shutil.copytree(init_dir, run_dir / "models" / level)
     return run_dir
 

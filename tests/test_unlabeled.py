@@ -141,14 +141,14 @@ def test_files_reuse_the_loader_and_labels_are_ignored(tmp_path, bench_dir):
     image = str(bench_dir / "factuality" / json.loads(src[0])["image"])
     good = tmp_path / "u.jsonl"
     good.write_text("\n".join(json.dumps({**json.loads(line), "image": image}) for line in src[:2]) + "\n")
-    cfg = load_config(QUICKSTART, [f"data.unlabeled=[{good}]"])
+    cfg = load_config(QUICKSTART, [f"data.unlabeled=[{good}]", "data.synth.unlabeled=0"])
     recs, counts = load_unlabeled(cfg, tmp_path, {"train": [], "val": [], "test": []}, synth.SynthSpec())
     assert counts == {"records": 2, "dropped_overlap": 0}
     assert all(r["label"] is None and r["id"].startswith(ID_PREFIX) for r in recs)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(src[0].replace('"image": "', '"image": "x') + "\n" + '{"id": 1}\n')
     with pytest.raises(DataError, match=f"{bad}:1: "):
-        load_unlabeled(load_config(QUICKSTART, [f"data.unlabeled=[{bad}]"]), tmp_path,
+        load_unlabeled(load_config(QUICKSTART, [f"data.unlabeled=[{bad}]", "data.synth.unlabeled=0"]), tmp_path,
                        {"train": [], "val": [], "test": []}, synth.SynthSpec())
 
 
@@ -167,10 +167,10 @@ def test_new_config_keys_are_validated(raw, message):
 
 
 def test_fingerprints_change_for_distillation_stages_only():
-    base = load_config(QUICKSTART)
+    base = load_config(QUICKSTART, ["data.synth.unlabeled=0"])
     before = fingerprints(base, plan_stages(base))
     distilled = [n for n in before if "+" in n]
-    for over in (["data.synth.unlabeled=4"], ["data.unlabeled=[u.jsonl]"]):
+    for over in (["data.synth.unlabeled=4"], ["data.synth.unlabeled=0", "data.unlabeled=[u.jsonl]"]):
         cfg = load_config(QUICKSTART, over)
         after = fingerprints(cfg, plan_stages(cfg))
         assert [n for n in before if before[n] != after[n]] == distilled, over
@@ -180,5 +180,6 @@ def test_fingerprints_change_for_distillation_stages_only():
         tcrd_only = load_config(QUICKSTART, [*over, "tcrd.unlabeled_weight=2"])
         last = fingerprints(tcrd_only, plan_stages(tcrd_only))
         assert [n for n in after if after[n] != last[n]] == ["S+PPOD+TCRD"]
-    weight_alone = load_config(QUICKSTART, ["ppod.unlabeled_weight=2"])  # no unlabelled inputs: nothing changes
+    weight_alone = load_config(QUICKSTART, ["data.synth.unlabeled=0", "ppod.unlabeled_weight=2"])  # no unlabelled
+    # inputs: nothing changes
     assert fingerprints(weight_alone, plan_stages(weight_alone)) == before

@@ -45,6 +45,13 @@ _FIELDS: dict[str, dict[str, tuple[type, type | None]]] = {
 _LABEL = {"hallucination": "hallucinated", "factuality": "label"}
 _IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_PIXELS = 64_000_000  # above any phone camera; `data.max_image_pixels` overrides it
+# The size cap, checked before any tokenizing (`data.max_text_chars`, `data.max_options` override it), above what the
+# longest context of the supported families holds (Qwen3-VL, 262,144 positions), so that a record under the cap but
+# over a model's context meets the prompt-length check: 5 characters per position (English runs at about 4 per token
+# in these byte-level BPE vocabularies; whole-word tokens of short words, as the benchmark's, at 4.7), and 100,000
+# options (each costs at least 4 tokens: its two markers, its text and a newline, so at most 65,536 fit).
+MAX_TEXT_CHARS = 5 * 262_144
+MAX_OPTIONS = 100_000
 _BOM = b"\xef\xbb\xbf"
 _NO_TASK = "(no task)"
 # Qwen's special tokens (`<|im_start|>`, `<|image_pad|>`, `<|object_ref_end|>`...): in a text field they would
@@ -265,6 +272,8 @@ class _Reader:
     default_task: str | None
     check_images: bool
     max_image_pixels: int
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_options: int = MAX_OPTIONS
     first_line: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -311,11 +320,22 @@ def _read_fields(raw: dict, task: str, rd: _Reader) -> dict:
             raise _Bad(f"missing field {rd.name(name)}")
         if not isinstance(value, typ):
             raise _Bad(f"field {rd.name(name)}: expected {_TYPE_NAMES[typ]}, got {_json_type(value)}")
+        _check_size(value, rd.name(name), rd)
         for i, item in enumerate(value if elem_typ is not None else ()):
             if not isinstance(item, elem_typ):
                 raise _Bad(f"field {rd.name(name, i)}: expected {_TYPE_NAMES[elem_typ]}, got {_json_type(item)}")
+            _check_size(item, rd.name(name, i), rd)
         record[name] = value
     return record
+
+
+def _check_size(value: Any, shown: str, rd: _Reader) -> None:
+    """The size cap: a text field past `max_text_chars` characters, a list past `max_options` items. Checked
+    before anything reads the value's content, so a record of any size is refused in the time it took to parse."""
+    if isinstance(value, str) and len(value) > rd.max_text_chars:
+        raise _Bad(f"field {shown} is {len(value):,} characters, above data.max_text_chars ({rd.max_text_chars:,})")
+    if isinstance(value, list) and len(value) > rd.max_options:
+        raise _Bad(f"field {shown} has {len(value):,} items, above data.max_options ({rd.max_options:,})")
 
 
 def _check_text(value: str, shown: str) -> None:
@@ -424,11 +444,14 @@ def scan_file(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     max_errors: int | None = None,
     first_error_only: bool = False,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    max_options: int = MAX_OPTIONS,
 ) -> FileScan:
     """Read a whole data file, collecting every bad line (listing at most `max_errors`) instead of stopping."""
     if default_task is not None and default_task not in TASKS:
         raise ValueError(f"default_task must be one of {', '.join(TASKS)}, got {default_task!r}")
-    rd = _Reader(Path(path), dict(field_map or {}), require_labels, default_task, check_images, max_image_pixels)
+    rd = _Reader(Path(path), dict(field_map or {}), require_labels, default_task, check_images, max_image_pixels,
+                 max_text_chars, max_options)
     scan = FileScan(str(path))
     try:
         for lineno, raw in _raw_records(Path(path)):
@@ -461,6 +484,8 @@ def load_jsonl(
     default_task: str | None = None,
     check_images: bool = True,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    max_options: int = MAX_OPTIONS,
 ) -> list[dict]:
     """Load and validate a JSONL data file; raise DataError on the first bad record.
 
@@ -470,11 +495,17 @@ def load_jsonl(
     the label field (``hallucinated``/``label``) set to None when unlabelled, and
     extra keys kept as they are.
     """
-    scan = scan_file(path, field_map, require_labels, default_task, check_images, max_image_pixels,
-                     first_error_only=True)
+    return load_scan(path, field_map, require_labels, default_task, check_images, max_image_pixels,
+                     max_text_chars=max_text_chars, max_options=max_options).records
+
+
+def load_scan(path: str | Path, *args: Any, **kwargs: Any) -> FileScan:
+    """`scan_file` (same arguments) stopped at the first bad line, which it raises as DataError: the records of
+    a good file with their lines, for a later check that names `FILE:LINE` (the prompt-length check)."""
+    scan = scan_file(path, *args, **kwargs, first_error_only=True)
     if scan.errors:
         raise scan.errors[0]
-    return scan.records
+    return scan
 
 
 def _top(key: str) -> str:
@@ -546,6 +577,8 @@ def validate_files(
     max_errors: int = 50,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     check_more=None,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    max_options: int = MAX_OPTIONS,
 ) -> Validation:
     """Read every line of the data files; list bad lines (at most `max_errors` in all) and describe each file.
 
@@ -555,7 +588,7 @@ def validate_files(
     for path in paths:
         cap = max(max_errors - len(errors), 0)
         scan = scan_file(path, field_map, require_labels, default_task, max_image_pixels=max_image_pixels,
-                         max_errors=cap)
+                         max_errors=cap, max_text_chars=max_text_chars, max_options=max_options)
         if check_more is not None and scan.records:
             check_more(scan, cap)
         errors += [str(e) for e in scan.errors][:cap]

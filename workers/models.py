@@ -39,8 +39,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the benchmark's texts, Qwen special tokens first, Qwen chat conventions."""
+ROLE_WORDS = ("user", "assistant", "system")  # the chat template's role names, read bare after <|im_start|>
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 1024, words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`, Qwen special tokens first, Qwen chat conventions. Each of `words` is
+    made one token both as it reads inside a sentence (after a space) and at the start of a line or turn."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,18 +54,22 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedToke
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    # The answer follows "assistant\n" with no leading space: make each bare label word frequent enough to merge.
-    answers = [w for w in LABEL_WORDS for _ in range(1000)]
-    tok.train_from_iterator(corpus + [" " + " ".join(padding)] + answers, trainer=trainer)
+    # Bare label and role words (an answer follows "assistant\n" with no leading space) and every required word
+    # frequent enough to merge whole before any pseudo-word does.
+    bare = [w for w in LABEL_WORDS + ROLE_WORDS + words for _ in range(1000)]
+    spaced = [" ".join([w] * 1000) for w in words]
+    tok.train_from_iterator(spaced + corpus + [" " + " ".join(padding)] + bare, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
     )
     fast.chat_template = CHAT_TEMPLATE
-    for word in LABEL_WORDS:
-        if len(fast.encode(word, add_special_tokens=False)) != 1:
-            raise RuntimeError(f"label word {word!r} is not a single token in the built tokenizer")
+    split = [w for w in LABEL_WORDS + ROLE_WORDS + words if len(fast.encode(w, add_special_tokens=False)) != 1]
+    split += [w for w in words if len(fast.encode(" " + w, add_special_tokens=False)) != 1]
+    if split:
+        raise RuntimeError(f"{len(split)} required words are not single tokens at vocab_size {vocab_size} "
+                           f"(e.g. {split[:5]}): raise vocab_size")
     return fast
 
 
@@ -172,3 +180,4 @@ def check_same_tokenizer(teacher: PreTrainedTokenizerFast, student: PreTrainedTo
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+

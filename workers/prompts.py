@@ -1,11 +1,13 @@
 """Records → verification prompts → model inputs.
 
-One forward per record. Both tasks become one chat prompt per record. Task 1 lists the record's options in
-the assistant turn, each wrapped in Qwen's referring-expression tokens (in every family: the tiny levels'
-tokenizer has them); each option's supervised position is its closing token. Task 2 has one supervised
-position, the last prompt token. At each supervised position the next-token distribution is read at the label
-words ("yes"/"no"); P(positive) is the softmax over those two logits. No gold label ever appears in the input,
-so one option's label cannot leak into another's decision.
+One forward per record. Both tasks become one chat prompt per record whose assistant turn holds the text to
+judge, so each decision is read right after the text it judges. Task 1 lists the record's options there, each
+wrapped in Qwen's referring-expression tokens (in every family: the tiny levels' tokenizer has them); each
+option's supervised position is its closing token. Task 2's assistant turn is its claim (context and question
+in the user turn), its supervised position the claim's last token (no marker needed). At each supervised
+position the next-token distribution is read at the label words ("yes"/"no"); P(positive) is the softmax over
+those two logits. No gold label ever appears in the input, so one option's label cannot leak into another's
+decision.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def record_units(records: list[dict]) -> list[dict]:
             targets = [-1] * len(rec["options"]) if labels is None else [int(v) for v in labels]
         else:
             label = rec.get("label")
-            user, answer = f"Context: {rec['context']}\nClaim: {rec['claim']}\n{FACTUALITY_QUESTION}", ""
+            user = f"Context: {rec['context']}\n{FACTUALITY_QUESTION}"
+            answer = rec["claim"]
             targets = [-1 if label is None else int(label)]
         units.append({"uid": rec["id"], "record_id": rec["id"], "task": rec["task"], "image": rec["image"],
                       "text": user, "answer": answer, "targets": targets})
@@ -47,7 +50,7 @@ def record_units(records: list[dict]) -> list[dict]:
 def encode_records(units: dict[str, np.ndarray] | list[dict], processor: ProcessorMixin) -> dict[str, np.ndarray]:
     """Tokenize prompts and preprocess images, one row per record (no padding: `collate_records` pads per
     batch), with the supervised positions of each row (indices into its unpadded `input_ids`: each option's
-    closing token, else the last token) and their targets.
+    closing token, else the last token: the claim's end) and their targets.
 
     Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
     `input_ids`, `positions`, `targets` and per-row image arrays (the processor's image format,
@@ -62,13 +65,13 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     # one image list per prompt: Gemma 3's processor reads a flat list as one prompt's images
     enc = processor(text=texts, images=[[im] for im in images], padding=False, return_tensors=None)
     close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
-    if close_id in (None, processor.tokenizer.unk_token_id) and any(r["answer"] for r in rows):
+    if close_id in (None, processor.tokenizer.unk_token_id) and any(r["task"] == "hallucination" for r in rows):
         raise ValueError(f"the option marker {OPTION_CLOSE} is not a token of this tokenizer: Task 1 records need "
                          f"{OPTION_OPEN} and {OPTION_CLOSE} as special tokens (docs/real-models.md)")
     ids = [np.asarray(i, dtype=np.int64) for i in enc["input_ids"]]
     positions = []
     for r, seq in zip(rows, ids):
-        pos = np.flatnonzero(seq == close_id) if r["answer"] else np.array([len(seq) - 1])
+        pos = np.flatnonzero(seq == close_id) if r["task"] == "hallucination" else np.array([len(seq) - 1])
         if len(pos) != len(r["targets"]):
             raise ValueError(f"record {r['uid']}: {len(r['targets'])} answers expected, {len(pos)} answer "
                              f"positions found (does a text field contain {OPTION_CLOSE}?)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Iterator
 
+import numpy as np
 import torch
 from ray.data import DataIterator
 from transformers import ProcessorMixin
@@ -80,8 +82,7 @@ class StageRun:
         epoch_end = min(self.total, (epoch + 1) * self.steps_per_epoch)
         sets = self.job.train_sets
         shard = self.dataset(sets[min(epoch, len(sets) - 1)])
-        raw_batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
-                                         drop_last=True)
+        raw_batches = shuffled_batches(shard, tc.batch_size, self.job.seed, epoch)
         batches = (self.collate(raw) for raw in itertools.islice(raw_batches, epoch_end - self.step))
         self.throughput.resume()
         for batch, pending in self.requests.with_teacher_outputs(batches):
@@ -152,6 +153,27 @@ class StageRun:
             self.scored_at = self.step
             self.logger.log(self.step, {f"val/{k}": v for k, v in self.val.items()}, every=1)
         return self.val
+
+
+SHUFFLE_ROWS = 1024  # rows a worker shuffles at a time: the whole of a small split, a wide window of a large one
+
+
+def shuffled_batches(shard: DataIterator, batch_size: int, seed: int, epoch: int,
+                     window: int = SHUFFLE_ROWS) -> Iterator[dict]:
+    """One epoch of a worker's training rows in full batches, shuffled anew each epoch from (seed, epoch), window
+    by window of the rows in their stored order (interleaved by task, `orchestrator.unlabeled.spread`); the
+    same (seed, epoch) gives the same batches, so a resumed or repeated stage sees the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    carry: dict | None = None
+    for block in shard.iter_batches(batch_size=window, batch_format="numpy", prefetch_batches=1):
+        if carry is not None:
+            block = {k: np.concatenate([carry[k], v]) for k, v in block.items()}
+        perm = rng.permutation(len(next(iter(block.values()))))
+        block = {k: v[perm] for k, v in block.items()}
+        full = len(perm) // batch_size * batch_size
+        for i in range(0, full, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in block.items()}
+        carry = {k: v[full:] for k, v in block.items()}
 
 
 def evaluate_rank0(model: torch.nn.Module, processor: ProcessorMixin, label_ids: tuple[int, int],
