@@ -32,7 +32,7 @@ from orchestrator.stages import StagePlan, plan_stages
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 CONFIG = """
 name: soak
-vocab_size: 512
+vocab_size: 1024
 data: {{source: synth, synth: {{train: 12, val: 6, test: 6}}}}
 levels: {{L: {tiny}, M: {tiny}, S: {tiny}}}
 direct: {{levels: [L], train: {{epochs: {epochs}, batch_size: 2, log_every: 1}}}}

@@ -95,8 +95,8 @@ ray job submit --address http://127.0.0.1:8265 --submission-id loopback --workin
   --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"sqlite:///$WORK/mlflow.db\"}, \"excludes\": [\".venv\", \".git\", \"runs\"]}" \
   -- hkd run configs/quickstart.yaml --run-dir "$WORK/runs/loopback" --set name=loopback \
   --set "levels={S: $TINY}" --set "direct.levels=[S]" --set ppod.enabled=false --set tcrd.enabled=false \
-  --set vocab_size=512 --set "data.synth={train: 8, val: 4, test: 4}" \
-  --set "direct.train={epochs: 1, batch_size: 4}" --set resources.cpus_per_worker=1 \
+  --set vocab_size=1024 --set "data.synth={train: 8, val: 4, test: 4}" \
+  --set "direct.train={epochs: 1, batch_size: 4}" --set "direct.overrides={}" --set resources.cpus_per_worker=1 \
   --set "placement={student: {student: 1}}"
 status="$(ray job status --address http://127.0.0.1:8265 loopback)"
 [[ "$status" == *"Job 'loopback' succeeded"* ]] || { log "job status: $status"; exit 1; }

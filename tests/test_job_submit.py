@@ -36,6 +36,7 @@ TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_
 # The quickstart shrunk to one tiny level tuned directly: the job round trip, not the method, is under test.
 SHRINK = [f"levels={{S: {TINY}}}", "direct.levels=[S]", "ppod.enabled=false", "tcrd.enabled=false",
           "vocab_size=1024", "data.synth={train: 8, val: 4, test: 4}", "direct.train={epochs: 1, batch_size: 4}",
+          "direct.overrides={}",
           "resources.cpus_per_worker=1"]
 LORA = ["direct.train={epochs: 1, batch_size: 4, lora: {r: 4, target_modules: [q_proj, v_proj]}}"]
 DDP = ["resources.num_workers=2", "pretrain={enabled: true, steps: 2, batch_size: 2, log_every: 1}",
