@@ -79,9 +79,10 @@ def stage_scores(run_dir: Path, stage: str, shifted: bool) -> dict[str, dict[str
 def seed_mean_gain(runs: dict[int, Path], final: str, direct: str, shifted: bool) -> dict:
     """Per seed: the gain of `final` over that seed's `direct` on the mean of both tasks' macro-F1; their mean, and
     the paired bootstrap interval of the seed mean (each task's records resampled, every row on the same draws)."""
+    scored = [stage_scores(d, s, shifted) for d in runs.values() for s in (final, direct)]
     values, draws = [], []
     for t in TASKS:
-        rows = [stage_scores(d, s, shifted)[t] for d in runs.values() for s in (final, direct)]
+        rows = [row[t] for row in scored]
         v, dr = bootstrap_draws(rows[0]["target"], [r["score"] for r in rows], rows[0]["record"], "f1")
         values.append(v[0::2] - v[1::2])  # per seed: final − direct on this task
         draws.append(dr[0::2] - dr[1::2])

@@ -1,9 +1,9 @@
 """`hkd pretrain CONFIG.yaml`: build the pretrained tiny bases that the embedded pyramid starts from.
 
-One fixed tokenizer (`workers.vocab`) is shared by every level; each level is built random-init, pretrained on the same dialogue stream for
-the same steps (`workers.pretrain`), saved in fp16 as an ordinary Hugging Face model dir, and given a model card
-(`README.md`: command, config, seed stream, steps, final losses, wall time, machine, git revision) with its loss
-curve (`loss_curve.png`, `curve.json`).
+One fixed tokenizer (`workers.vocab`) is shared by every level; each level is built random-init, pretrained on
+the same dialogue stream for the same steps (`workers.pretrain`), saved in fp16 as an ordinary Hugging Face model
+dir, and given a model card (`README.md`: command, config, seed stream, steps, final losses, wall time, machine,
+git revision) with its loss curve (`loss_curve.png`, `curve.json`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import Field, create_model
 
-from orchestrator.config import ConfigError, Strict, fields_of, read_raw, validate_raw
+from orchestrator.config import ConfigError, Strict, as_tuples, fields_of, read_raw, validate_raw
 from workers.shapes import LevelShape
 from workers.synth import SynthSpec
 
@@ -44,7 +44,8 @@ class BasesConfig(Strict):
 
     name: str
     out: str = Field(description="directory of the bases (one model dir per level), relative to the repo root")
-    seed: int = Field(0, ge=0, description="the pretraining seed stream `pretrain/<seed>/…` (never a benchmark split)")
+    seed: int = Field(0, ge=0, description="the pretraining seed stream `pretrain/<seed>/…` (never a benchmark "
+                                           "split)")
     vocab_size: int = Field(1024, ge=512)
     image_size: int = Field(84, ge=28, multiple_of=28)
     scenes: dict[str, Any] = Field(default_factory=dict, description="SynthSpec fields of the scene sampler")
@@ -52,8 +53,7 @@ class BasesConfig(Strict):
     train: PretrainTrain = Field(default_factory=PretrainTrain)
 
     def spec(self) -> SynthSpec:
-        return SynthSpec(image_size=self.image_size, **{k: tuple(v) if isinstance(v, list) else v
-                                                        for k, v in self.scenes.items()})
+        return SynthSpec(image_size=self.image_size, **{k: as_tuples(v) for k, v in self.scenes.items()})
 
 
 def load_bases_config(path: str | Path) -> BasesConfig:
@@ -161,7 +161,8 @@ def write_card(model_dir: Path, card: dict, curve: list[dict]) -> None:
         "answer open questions about them and read a word defined in the text. It has never seen the benchmark's "
         "prompts, captions, options, contexts, claims or any yes/no judgement (docs/method.md, Pretrained bases).", "",
         f"- **Command:** `{card['command']}` (git {card['git']})",
-        f"- **Seed stream:** `{card['seed_stream']}`; held-out dialogues from stream {card['config']['seed'] + 1_000_000}",
+        f"- **Seed stream:** `{card['seed_stream']}`; held-out dialogues from stream "
+        f"{card['config']['seed'] + 1_000_000}",
         f"- **Steps:** {card['steps']} × batch {card['config']['train']['batch_size']}, lr "
         f"{card['config']['train']['lr']}",
         f"- **Final losses:** train {card['final_train_loss']} (mean of the last 50 steps), held-out "

@@ -45,7 +45,7 @@ class SynthData(Strict):
     def generator_spec(self) -> SynthSpec:
         """The generator settings (also the scenes of grounding pre-training)."""
         return SynthSpec(image_size=self.image_size, min_objects=self.min_objects, max_objects=self.max_objects,
-                         **{k: _tuples(v) for k, v in self.spec.items()})
+                         **{k: as_tuples(v) for k, v in self.spec.items()})
 
     @model_validator(mode="after")
     def _valid_spec(self) -> SynthData:
@@ -57,9 +57,9 @@ class SynthData(Strict):
         return self
 
 
-def _tuples(value: Any) -> Any:
+def as_tuples(value: Any) -> Any:
     """YAML lists → the tuples SynthSpec's frozen fields use."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 class DataFiles(Strict):

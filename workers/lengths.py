@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from workers.data import DataError, FileScan
-from workers.prompts import record_units
+from workers.prompts import chat_prompt, record_units
 
 
 def context_length(model_dir: str | Path) -> int | None:
@@ -67,9 +67,7 @@ def prompt_lengths(records: list[dict], processor: ProcessorMixin) -> dict[str, 
         size = _size(unit["image"])
         if size not in expanded:
             expanded[size] = image_text(processor, *size)
-        chat = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": unit["text"]}]}],
-            add_generation_prompt=True, tokenize=False)
+        chat = chat_prompt(unit["text"], processor)
         texts.append(chat.replace(processor.image_token, expanded[size], 1) + unit["answer"])
     ids = processor.tokenizer(texts)["input_ids"] if texts else []
     return {rec["id"]: len(seq) for rec, seq in zip(records, ids)}

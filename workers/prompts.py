@@ -59,9 +59,7 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     """
     rows = _as_rows(units)
     images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
-        add_generation_prompt=True, tokenize=False) + r["answer"] for r in rows]
+    texts = [chat_prompt(r["text"], processor) + r["answer"] for r in rows]
     # one image list per prompt: Gemma 3's processor reads a flat list as one prompt's images
     enc = processor(text=texts, images=[[im] for im in images], padding=False, return_tensors=None)
     close_id = processor.tokenizer.convert_tokens_to_ids(OPTION_CLOSE)
@@ -82,6 +80,14 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     out["targets"] = object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
     # fp16 pixels: half the bytes in the object store
     return {**out, **format_of(enc).rows(enc, len(rows), np.float16)}
+
+
+def chat_prompt(text: str, processor: ProcessorMixin) -> str:
+    """The user turn (one image, then `text`) up to the opening of the assistant's, in the family's template:
+    what a record's answer text follows (`encode_records`; `workers.lengths` counts the same string)."""
+    return processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False)
 
 
 def _as_rows(units: dict[str, np.ndarray] | list[dict]) -> list[dict]:

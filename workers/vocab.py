@@ -18,17 +18,21 @@ from workers.prompts import record_units
 CORPUS_SPEC = synth.SynthSpec(image_size=84, max_objects=3)
 
 
-def fixed_words(seed: int = 0, spec: synth.SynthSpec = CORPUS_SPEC) -> tuple[str, ...]:
+def fixed_words(seed: int = 0, spec: synth.SynthSpec = CORPUS_SPEC,
+                sample: list[str] | None = None) -> tuple[str, ...]:
     """Every word of the prompts' templates, the generator's vocabulary, augmentation's paraphrases, the grounding
-    prompt and the pretraining text, read from the code's own strings, never listed by hand."""
+    prompt and the pretraining text (`sample`: its texts when the caller has them), read from the code's own
+    strings, never listed by hand."""
     empty = [{"id": "x", "task": "hallucination", "image": "", "caption": "", "options": []},
              {"id": "y", "task": "factuality", "image": "", "context": "", "claim": ""}]
     texts = ([u["text"] + " " + u["answer"] for u in record_units(empty)] + synth.vocabulary() + augment.vocabulary()
-             + [GROUNDING_PROMPT] + pretrain_corpus.texts(seed, 2000, spec))
+             + [GROUNDING_PROMPT] + (sample if sample is not None else pretrain_corpus.texts(seed, 2000, spec)))
     return tuple(sorted({w for t in texts for w in re.findall(r"[A-Za-z]+", t)}))
 
 
 @functools.lru_cache(maxsize=4)
-def fixed_tokenizer(vocab_size: int = 1024, seed: int = 0, spec: synth.SynthSpec = CORPUS_SPEC) -> PreTrainedTokenizerFast:
+def fixed_tokenizer(vocab_size: int = 1024, seed: int = 0,
+                    spec: synth.SynthSpec = CORPUS_SPEC) -> PreTrainedTokenizerFast:
     """The tokenizer of the tiny levels (deterministic: the same call gives the same tokenizer.json)."""
-    return build_tokenizer(pretrain_corpus.texts(seed, 2000, spec), vocab_size, fixed_words(seed, spec))
+    sample = pretrain_corpus.texts(seed, 2000, spec)
+    return build_tokenizer(sample, vocab_size, fixed_words(seed, spec, sample))
