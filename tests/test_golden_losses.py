@@ -1,11 +1,15 @@
 """Golden values: each stage kind's loss terms on one fixed batch, stored from the code before issue 14's
-refactor, must stay bitwise equal (no behaviour change from moving code or typing the contract).
+refactor, must stay equal (no behaviour change from moving code or typing the contract).
 
 The stage losses are built the way a run builds them: `configs/quickstart.yaml` → `plan_stages` → the
 orchestrator's stage loss settings → the worker's stage loss, fed teacher outputs through the real wire
 format (`wire_outputs` → `from_wire`). Grounding goes through `grounding_loss` on a deterministic stub model.
-Stored per kind: the loss and every logged term (as `float.hex`, so bitwise), and a sha256 of the gradient
-the loss sends back into the student's logits (or the stub's weights).
+Stored per kind: the loss and every logged term (as `float.hex`), and the gradient the loss sends back into
+the student's logits (or the stub's weights) as its norm and its dot products with fixed random directions.
+
+The check is to float32 rounding, not bitwise: torch picks its CPU kernels by instruction set (AVX2, AVX-512),
+and the same code then differs in the last bit or two (measured: at most 3e-7 relative in a loss term, 2e-7 of
+the largest gradient entry). A real change to a loss moves these numbers by orders of magnitude more.
 
 `python tests/test_golden_losses.py --write` rewrites the fixture: only when a change of the numbers is
 intended, and say so in the commit.
@@ -13,8 +17,8 @@ intended, and say so in the commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,8 +56,16 @@ def _targets() -> torch.Tensor:
     return torch.tensor([1, 0] * (N // 2))
 
 
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+RTOL = 2e-6  # float32 rounding across CPU kernels, with room (see the docstring)
+DIRECTIONS = 8
+
+
+def _grad_summary(t: torch.Tensor) -> dict:
+    """The gradient's norm and its projections on fixed random directions: any change to it beyond
+    rounding moves them."""
+    g = t.detach().double().flatten()
+    dirs = torch.randn(DIRECTIONS, g.numel(), generator=_gen(7), dtype=torch.float64)
+    return {"size": g.numel(), "norm": g.norm().item().hex(), "projections": [float(v).hex() for v in dirs @ g]}
 
 
 def _plan(kind: str):
@@ -78,7 +90,7 @@ def _stage_values(kind: str) -> dict:
     loss, terms = loss_fn(logits, _targets(), outs)
     loss.backward()
     return {"loss": loss.item().hex(), "terms": {k: float(v).hex() for k, v in sorted(terms.items())},
-            "grad_sha256": _sha(logits.grad)}
+            "grad": _grad_summary(logits.grad)}
 
 
 class _StubLM(torch.nn.Module):
@@ -101,7 +113,7 @@ def _grounding_values() -> dict:
     model = _StubLM()
     loss = grounding_loss(model, batch)
     loss.backward()
-    return {"loss": loss.item().hex(), "terms": {}, "grad_sha256": _sha(model.table.grad)}
+    return {"loss": loss.item().hex(), "terms": {}, "grad": _grad_summary(model.table.grad)}
 
 
 def _values(kind: str) -> dict:
@@ -116,11 +128,24 @@ def write_fixture() -> None:
     FIXTURE.write_text(json.dumps({k: _values(k) for k in KINDS}, indent=2, sort_keys=True) + "\n")
 
 
+def _close(got: str, want: str, scale: float) -> bool:
+    return abs(float.fromhex(got) - float.fromhex(want)) <= RTOL * scale
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_stage_loss_terms_bitwise_equal_to_stored(kind):
-    expected = json.loads(FIXTURE.read_text())[kind]
+def test_stage_loss_terms_equal_to_stored(kind):
+    want = json.loads(FIXTURE.read_text())[kind]
     got = _values(kind)
-    assert got == expected, f"{kind}: loss terms changed:\n got {got}\n was {expected}"
+    assert got["terms"].keys() == want["terms"].keys(), f"{kind}: logged terms changed"
+    for name in ("loss", *want["terms"]):
+        g, w = (got[name], want[name]) if name == "loss" else (got["terms"][name], want["terms"][name])
+        assert _close(g, w, abs(float.fromhex(w))), f"{kind}: {name} changed: {float.fromhex(g)} was {float.fromhex(w)}"
+    norm = float.fromhex(want["grad"]["norm"])
+    assert _close(got["grad"]["norm"], want["grad"]["norm"], norm), f"{kind}: gradient norm changed"
+    assert got["grad"]["size"] == want["grad"]["size"]
+    for i, (g, w) in enumerate(zip(got["grad"]["projections"], want["grad"]["projections"], strict=True)):
+        # a projection on a random direction of norm ~sqrt(n) moves by at most |rounding error| * sqrt(n)
+        assert _close(g, w, norm * math.sqrt(want["grad"]["size"])), f"{kind}: gradient changed (direction {i})"
 
 
 def test_golden_batch_exercises_every_term():
