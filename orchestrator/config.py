@@ -167,6 +167,9 @@ class TrainConfig(StepSettings):
     lora: LoraSettings | None = None
     eval_every: int = Field(0, ge=0, description="also score validation macro-F1 every N steps (the learning "
                                                   "curve); 0: only at each epoch's end")
+    balance_tasks: bool = Field(False, description="each task present in a batch weighs the same in every loss term "
+                                                   "(per-task means, averaged), however many supervised positions "
+                                                   "its records give; false: every position weighs the same")
 
 
 class PretrainConfig(StepSettings):

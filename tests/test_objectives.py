@@ -135,3 +135,33 @@ def test_each_kind_has_its_objective():
     cfg = load_config(QUICKSTART)
     kinds = {p.kind for p in plan_stages(cfg)}
     assert kinds <= set(OBJECTIVES)
+
+
+TASKS = ["hallucination"] * 4 + ["factuality"] * 2  # Task 1's options outnumber Task 2's claims
+
+
+def test_balanced_tasks_make_every_term_the_mean_of_per_task_means():
+    """With `balance_tasks`, each term equals the mean over the tasks of that task's own mean term, however many
+    positions each task has; without, every position weighs the same."""
+    cfg = load_config(QUICKSTART, ["tcrd.train.balance_tasks=true"])
+    plan, loss_cfg = _tcrd(cfg)
+    assert plan.train.balance_tasks
+    logits, targets, outs = _batch(len(loss_cfg.teachers), loss_cfg.k, 1.0)
+    _, balanced = StageObjective(loss_cfg, LABEL_IDS, vocab=V, balance_tasks=True)(logits, targets, outs, TASKS)
+    _, plain = StageObjective(loss_cfg, LABEL_IDS, vocab=V)(logits, targets, outs, TASKS)
+    per_task = []
+    for task in ("hallucination", "factuality"):
+        sel = torch.tensor([t == task for t in TASKS])
+        per_task.append(StageObjective(loss_cfg, LABEL_IDS, vocab=V)(
+            logits[sel], targets[sel], [{k: v[sel] for k, v in o.items()} for o in outs])[1])
+    for name in ("loss_ce", *(f"loss_kd_{t.tag}" for t in loss_cfg.teachers)):
+        assert balanced[name] == pytest.approx((per_task[0][name] + per_task[1][name]) / 2, rel=1e-6)
+        assert plain[name] == pytest.approx((4 * per_task[0][name] + 2 * per_task[1][name]) / 6, rel=1e-6)
+    assert balanced["loss_ce"] != pytest.approx(plain["loss_ce"], rel=1e-3)
+
+
+def test_balance_tasks_enters_only_the_fingerprints_of_stages_that_use_it():
+    cfg = load_config(QUICKSTART)
+    on = load_config(QUICKSTART, ["tcrd.train.balance_tasks=true"])
+    before, after = fingerprints(cfg, plan_stages(cfg)), fingerprints(on, plan_stages(on))
+    assert [n for n in before if before[n] != after[n]] == ["S+PPOD+TCRD"]

@@ -99,7 +99,8 @@ class StageLossConfig:
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimizer and schedule of one stage (`orchestrator.config.TrainConfig`'s fields; `lora` as its dict);
-    `eval_every`: steps between validation scores (0: at epoch ends only)."""
+    `eval_every`: steps between validation scores (0: at epoch ends only); `balance_tasks`: the objective's
+    per-task weighting (`workers.objectives.task_weights`)."""
 
     epochs: float
     batch_size: int
@@ -111,6 +112,7 @@ class TrainSettings:
     log_every: int
     lora: dict | None
     eval_every: int
+    balance_tasks: bool
 
 
 @dataclass(frozen=True)

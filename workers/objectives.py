@@ -13,13 +13,15 @@ top-k + tail buckets of the shared vocabulary, or, from a teacher with another t
 (`TeacherSpec.label_words`), its answer distribution over the two label words, against the student's over its
 own label-word ids. CE and the coupled terms use the labelled positions only; the unlabelled ones (target -1)
 get their own KD-only term, `unlabeled_weight` · Σ_t weight_t · KD_t.
-`StageObjective` picks the function of the stage's kind.
+`StageObjective` picks the function of the stage's kind; with `balance_tasks` every term is a per-task weighted
+mean (`task_weights`), so a Task 2 record's one position weighs what Task 1's options do together.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from workers.contract import StageLossConfig, TeacherSpec
@@ -56,49 +58,53 @@ def label_word_divergence(student: torch.Tensor, teacher: torch.Tensor, temperat
 
 
 def direct_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
-                label_ids: tuple[int, int]) -> LossAndTerms:
+                label_ids: tuple[int, int], balance: torch.Tensor | None = None) -> LossAndTerms:
     """Direct tuning: ce_weight · CE(answer word) over the labelled positions (an unlabelled one, target -1,
-    never enters; a batch without labelled positions gives 0)."""
+    never enters; a batch without labelled positions gives 0); `balance`: per-position weights (`task_weights`)."""
     labelled = targets >= 0
     if not labelled.any():
         return logits.sum() * 0.0, {}
-    ce = cross_entropy(at(logits, labelled), target_token_ids(at(targets, labelled), label_ids))
+    ce = cross_entropy(at(logits, labelled), target_token_ids(at(targets, labelled), label_ids),
+                       weights=_within(balance, labelled))
     return cfg.ce_weight * ce, {"loss_ce": ce.item()}
 
 
 def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict], cfg: StageLossConfig,
-                 label_ids: tuple[int, int]) -> LossAndTerms:
+                 label_ids: tuple[int, int], balance: torch.Tensor | None = None) -> LossAndTerms:
     """PPOD and TCRD: ce_weight · CE + Σ_t weight_t · KD_t at temperature T_t over the labelled positions, each
     KD_t weighted per sample by the teacher's coupling weight when it is coupled (TCRD: its own label-word
     probability of the ground truth, `losses.coupling_weights`; PPOD's teachers are uncoupled), then the
-    unlabelled term (`unlabeled_term`) over the rest."""
-    loss, terms = direct_loss(logits, targets, teacher_outs, cfg, label_ids)
+    unlabelled term (`unlabeled_term`) over the rest. `balance`: per-position task weights, times the coupling."""
+    loss, terms = direct_loss(logits, targets, teacher_outs, cfg, label_ids, balance)
     labelled = targets >= 0
     if labelled.any():
         for teacher, out in zip(cfg.teachers, teacher_outs):
             out = {k: at(v, labelled) for k, v in out.items()}
-            weights = coupling(teacher, out, at(targets, labelled), cfg.sharpness, terms)
+            weights = _times(coupling(teacher, out, at(targets, labelled), cfg.sharpness, terms),
+                             _within(balance, labelled))
             kd = kd_divergence(at(logits, labelled), out, teacher.temperature, cfg, label_ids, weights)
             loss = loss + teacher.weight * kd
             terms[f"loss_kd_{teacher.tag}"] = kd.item()
-    return unlabeled_term(loss, logits, targets, teacher_outs, cfg, label_ids, terms), terms
+    return unlabeled_term(loss, logits, targets, teacher_outs, cfg, label_ids, terms, balance), terms
 
 
 def unlabeled_term(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict],
-                   cfg: StageLossConfig, label_ids: tuple[int, int], terms: dict[str, float]) -> torch.Tensor:
+                   cfg: StageLossConfig, label_ids: tuple[int, int], terms: dict[str, float],
+                   balance: torch.Tensor | None = None) -> torch.Tensor:
     """`loss` + unlabeled_weight · the term over the unlabelled positions (target -1): Σ_t weight_t · KD_t,
     unweighted per sample (coupling needs the ground truth they lack), or with `pseudo_labels` CE on the top
     teacher's decision (margin ≥ 0: positive). Logs `loss_unlabeled` and `unlabeled_positions`."""
     unlabelled = targets < 0
     if not teacher_outs or not unlabelled.any():
         return loss
-    student = logits[unlabelled]
+    student, weights = logits[unlabelled], _within(balance, unlabelled)
     if cfg.unlabeled_use == "pseudo_labels":
         decision = teacher_outs[cfg.top_teacher]["label_logits"][unlabelled]
-        term = cross_entropy(student, target_token_ids((decision[:, 0] >= decision[:, 1]).long(), label_ids))
+        term = cross_entropy(student, target_token_ids((decision[:, 0] >= decision[:, 1]).long(), label_ids),
+                             weights=weights)
     else:
         term = sum(t.weight * kd_divergence(student, {k: v[unlabelled] for k, v in out.items()}, t.temperature, cfg,
-                                            label_ids)
+                                            label_ids, weights)
                    for t, out in zip(cfg.teachers, teacher_outs))
     terms.update(loss_unlabeled=term.item(), unlabeled_positions=float(unlabelled.sum().item()))
     return loss + cfg.unlabeled_weight * term
@@ -107,6 +113,28 @@ def unlabeled_term(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tens
 def at(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The masked rows of x; x itself when the mask keeps all (the labelled-only loss stays bit-identical)."""
     return x if mask.all() else x[mask]
+
+
+def task_weights(tasks: list[str] | np.ndarray) -> torch.Tensor:
+    """Per-position weights [P] under which a loss's mean is the mean over the tasks present of each task's own
+    mean (a task's positions share weight P / (tasks × its positions)); they average 1, so the loss keeps its
+    scale."""
+    tasks = np.asarray(tasks)
+    names, index, counts = np.unique(tasks, return_inverse=True, return_counts=True)
+    return torch.from_numpy(len(tasks) / (len(names) * counts[index])).float()
+
+
+def _within(balance: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """The task weights renormalised over the masked positions (a labelled or an unlabelled group): each group's
+    tasks weigh the same within it."""
+    if balance is None:
+        return None
+    w = at(balance, mask)
+    return w * (len(w) / w.sum())
+
+
+def _times(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a * b
 
 
 def coupling(teacher: TeacherSpec, out: dict, targets: torch.Tensor, sharpness: float,
@@ -124,12 +152,16 @@ OBJECTIVES: dict[str, Callable[..., LossAndTerms]] = {"direct": direct_loss, "pp
 
 
 class StageObjective:
-    """The stage's loss as the train loop calls it: `(logits, targets, teacher_outs) → (loss, logged terms)`."""
+    """The stage's loss as the train loop calls it: `(logits, targets, teacher_outs, tasks) → (loss, logged
+    terms)`; `balance_tasks`: weigh each position by `task_weights` of its batch's tasks."""
 
-    def __init__(self, cfg: StageLossConfig, label_ids: tuple[int, int], vocab: int | None = None):
-        self.cfg, self.label_ids, self.vocab = cfg, label_ids, vocab
+    def __init__(self, cfg: StageLossConfig, label_ids: tuple[int, int], vocab: int | None = None,
+                 balance_tasks: bool = False):
+        self.cfg, self.label_ids, self.vocab, self.balance_tasks = cfg, label_ids, vocab, balance_tasks
         self.fn = OBJECTIVES[cfg.kind]
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict]) -> LossAndTerms:
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, teacher_outs: list[dict],
+                 tasks: list[str] | np.ndarray | None = None) -> LossAndTerms:
         logits = logits[:, :self.vocab]  # the shared tokenizer's rows: real sizes pad their tables differently
-        return self.fn(logits, targets, teacher_outs, self.cfg, self.label_ids)
+        balance = task_weights(tasks).to(logits.device) if self.balance_tasks and tasks is not None else None
+        return self.fn(logits, targets, teacher_outs, self.cfg, self.label_ids, balance)

@@ -60,7 +60,8 @@ class StageRun:
         if tc.lora:
             self.model = add_lora(self.model, tc.lora)
         self.label_ids = label_word_ids(self.processor.tokenizer)
-        self.objective = StageObjective(job.loss, self.label_ids, vocab=len(self.processor.tokenizer))
+        self.objective = StageObjective(job.loss, self.label_ids, vocab=len(self.processor.tokenizer),
+                                        balance_tasks=tc.balance_tasks)
         self.requests = TeacherRequests(job.loss, self.device)
         self.optimizer = adamw(self.model, tc.lr, tc.weight_decay)
         self.step = resume(self.model, self.optimizer)
@@ -105,7 +106,8 @@ class StageRun:
         teacher_out, teacher_wait = self.requests.wait(pending)
         t0 = time.perf_counter()
         set_lr(self.optimizer, tc.lr, self.step, self.total, self.warmup)
-        loss, terms = self.objective(position_logits(self.ddp_model, batch), batch["target"], teacher_out)
+        loss, terms = self.objective(position_logits(self.ddp_model, batch), batch["target"], teacher_out,
+                                     batch["row_task"])
         update(loss, self.model, self.optimizer, tc.grad_clip)
         self.step += 1
         self.throughput.tick()
