@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from orchestrator.config import LoraSettings
+from workers.checkpoints import load_train_state, save_train_state
+from workers.inference import position_logits
 from workers.lora import add_lora
 from workers.models import load_model_dir
 from workers.prompts import collate_records, encode_records, record_units
-from workers.checkpoints import load_train_state, save_train_state
-from workers.inference import position_logits
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +68,35 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, batch, tmp_path)
         load_train_state(bigger, torch.optim.AdamW(bigger.parameters()), tmp_path / "ckpt")
 
 
-def test_every_restart_logs_where_it_started(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["ray", "local"])
+def test_every_restart_logs_where_it_started(tmp_path, monkeypatch, kind):
     """A restart is recorded whether it resumed (the loaded checkpoint's step) or found no registered checkpoint
-    and started from scratch (0); the first attempt and other ranks log nothing."""
+    and started from scratch (0); the first attempt and other ranks log nothing. The attempts are counted in the
+    stage's storage dir: Ray Train's (`RayTrainContext`) or an in-process run's (`LocalContext`)."""
     import types
 
     import ray.train
+    import ray.train.torch
     from pyarrow.fs import LocalFileSystem
 
-    from workers.checkpoints import ATTEMPTS_FILE, record_attempt
+    from workers.checkpoints import record_attempt
+    from workers.train_context import ATTEMPTS_FILE, LocalContext, RayTrainContext
 
     storage = types.SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(tmp_path))
-    monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+
+    def context(rank: int):
+        if kind == "local":
+            ctx = LocalContext({}, tmp_path)
+            ctx.rank = rank  # as if one of several workers: only rank 0 counts
+            return ctx
+        monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(
+            get_storage=lambda: storage, get_world_rank=lambda: rank, get_world_size=lambda: 2))
+        return RayTrainContext()
+
     logged = []
     logger = types.SimpleNamespace(log=lambda step, values, every: logged.append((step, values)))
     for step, rank in [(0, 0), (0, 1), (0, 0), (77, 0)]:  # first attempt; then from scratch; then resumed
-        record_attempt(logger, step, rank)
+        record_attempt(context(rank), logger, step)
     assert logged == [(0, {"resumed_from_step": 0}), (77, {"resumed_from_step": 77})]
     assert (tmp_path / ATTEMPTS_FILE).read_text() == "3"

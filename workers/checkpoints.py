@@ -1,69 +1,50 @@
 """Checkpoints of the training loops: what a resumed attempt needs (trainable weights, optimizer state, step),
-reported to Ray Train by rank 0 and restored from its latest checkpoint."""
+reported by rank 0 through the loop's context (`workers.train_context`: Ray Train, or in process) and restored
+from its latest checkpoint."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.lora import ADAPTER_DIR, is_lora, load_adapter_weights
 
+if TYPE_CHECKING:
+    from workers.train_context import TrainContext
+
 STATE_FILE = "trainer_state.pt"
-ATTEMPTS_FILE = "hkd_attempts"  # in a stage's Ray Train storage dir: its attempts started so far
 WEIGHTS_FILE = "weights.safetensors"  # a checkpoint's weights, named as the model holds them in memory
 
 
-def report_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, metrics: dict,
-                      rank: int) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches a checkpoint of weights + optimizer state."""
-    import ray.train
-
+def report_checkpoint(ctx: TrainContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                      metrics: dict) -> None:
+    """Every rank reports (under Ray Train it is a barrier); rank 0 attaches a checkpoint of weights + optimizer
+    state."""
     metrics = {**metrics, "step": step}
-    if rank != 0:
-        ray.train.report(metrics)
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_train_state(model, optimizer, step, Path(tmp))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ctx.report(metrics, Path(tmp))
 
 
-def resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and step from the latest Ray Train checkpoint, if any."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0
-    with ckpt.as_directory() as d:
-        return load_train_state(model, optimizer, Path(d))
+def resume(ctx: TrainContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights, optimizer and step from the context's latest checkpoint, if any."""
+    with ctx.checkpoint_dir() as d:
+        return 0 if d is None else load_train_state(model, optimizer, d)
 
 
-def record_attempt(logger, step: int, rank: int) -> None:
+def record_attempt(ctx: TrainContext, logger, step: int) -> None:
     """Rank 0 counts this attempt; every restart logs `resumed_from_step`: the step of the checkpoint it loaded,
-    0 when it starts from scratch. A restart is not always a resume: a reported checkpoint counts only once the
-    controller has polled the worker and registered it (`ray.train.get_checkpoint()` returns the latest one
-    registered), so a worker killed between its report and that poll leaves none, or only an older one."""
-    if rank == 0 and (attempts_before() or step):
+    0 when it starts from scratch. A restart is not always a resume: under Ray Train a reported checkpoint counts
+    only once the controller has polled the worker and registered it (`ray.train.get_checkpoint()` returns the
+    latest one registered), so a worker killed between its report and that poll leaves none, or only an older one."""
+    if ctx.rank == 0 and (ctx.attempts_before() or step):
         logger.log(step, {"resumed_from_step": step}, every=1)
-
-
-def attempts_before() -> int:
-    """Attempts of this stage started before this one, counted in `ATTEMPTS_FILE` beside Ray Train's checkpoint
-    record in the stage's storage dir (so a re-run after a driver crash counts too); counts this one."""
-    import ray.train
-    from pyarrow.fs import FileType
-
-    storage = ray.train.get_context().get_storage()
-    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{ATTEMPTS_FILE}"
-    before = 0
-    if fs.get_file_info(path).type != FileType.NotFound:
-        with fs.open_input_stream(path) as f:
-            before = int(f.read().decode() or 0)
-    with fs.open_output_stream(path) as f:
-        f.write(str(before + 1).encode())
-    return before
 
 
 def save_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, ckpt: Path) -> None:

@@ -77,24 +77,22 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
     """Ray Train entry point of a grounding stage. `cfg`: model_dir, out_dir, train (PretrainConfig dict),
     spec (SynthSpec), threads, seed, tracking, progress. Each rank draws its own scenes per step;
     checkpoints four times, resumes from the latest. Returns held-out metrics (rank 0)."""
-    import ray.train
-    import ray.train.torch
-
     from workers.checkpoints import record_attempt, report_checkpoint, resume
     from workers.inference import to_device
     from workers.optim import adamw, set_lr, update
     from workers.step_log import StepLogger
+    from workers.train_context import RayTrainContext
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ctx = RayTrainContext()
+    rank, world = ctx.rank, ctx.world
     tc, spec, seed = cfg["train"], cfg["spec"], cfg["seed"]
     torch.manual_seed(seed + rank)
-    device = ray.train.torch.get_device()
+    device = ctx.device
     model, processor = load_model_dir(cfg["model_dir"], device=str(device))
     optimizer = adamw(model, tc["lr"], tc["weight_decay"])
-    step = resume(model, optimizer)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    step = resume(ctx, model, optimizer)
+    ddp_model = ctx.prepare(model)
     total, warmup = tc["steps"], max(1, int(tc["warmup_ratio"] * tc["steps"]))
     every = max(1, total // 4)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
@@ -105,7 +103,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
 
     held_out = batch_of(-1 - seed, 64)  # training seeds are >= 0: these scenes are never trained on
     logger = StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
-    record_attempt(logger, step, rank)
+    record_attempt(ctx, logger, step)
     ddp_model.train()
     metrics: dict[str, float] = {}
     while step < total:
@@ -119,7 +117,7 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
         if step % every == 0 or step == total:
             metrics = held_out_metrics(model, held_out) if rank == 0 else {}
             logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
-            report_checkpoint(model, optimizer, step, metrics, rank)
+            report_checkpoint(ctx, model, optimizer, step, metrics)
     if rank == 0:
         save_model_dir(model, processor, cfg["out_dir"])
     logger.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,10 +16,14 @@ FLUSH_S = 1.0  # per-step metrics reach MLflow at least this often (live curves;
 
 class StepLogger:
     """Buffers per-step metrics and sends them to the stage's MLflow run in batches (rank 0 only), at
-    least every `FLUSH_S` seconds and before each checkpoint."""
+    least every `FLUSH_S` seconds and before each checkpoint. `on_log(step, values)` (rank 0) sees the same
+    metrics as MLflow, when they are logged: how an in-process run hands its curve to its caller, with or
+    without `tracking`."""
 
-    def __init__(self, tracking: dict | None, enabled: bool, progress: str | None = None, total: int = 0):
+    def __init__(self, tracking: dict | None, enabled: bool, progress: str | None = None, total: int = 0,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None):
         self.client = None
+        self.on_log = on_log if enabled else None
         self.buffer: list = []
         # The driver's step bar polls this file (orchestrator/progress.py): rank 0 writes it twice a second.
         self.progress = Path(progress) if enabled and progress else None
@@ -41,7 +46,11 @@ class StepLogger:
             tmp = self.progress.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step, "total": self.total, **self.shown}))
             tmp.replace(self.progress)
-        if self.client is None or step % every:
+        if step % every:
+            return
+        if self.on_log is not None and values:
+            self.on_log(step, {k: float(v) for k, v in values.items()})
+        if self.client is None:
             return
         from mlflow.entities import Metric
 

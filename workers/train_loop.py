@@ -1,21 +1,23 @@
-"""The student training loop that runs inside each Ray Train worker: one task stage, every kind.
+"""The student training loop: one task stage, every kind, in each Ray Train worker (`train_loop_per_worker`) or
+in this process (`run_in_process`: the same loop, objective, data order and checkpoints, without Ray Train).
 
 The stage's `StageJob` (`workers.contract`) says what to train and how; the objective is
 `workers.objectives` (direct, PPOD or TCRD), teacher outputs come through `workers.teacher_requests`
-(prefetch, cache, resend). Rank 0 logs per-step metrics to the stage's MLflow run (`workers.step_log`),
-evaluates on the validation split (every `eval_every` steps and at each epoch's end: the learning curve) and
-writes checkpoints (`workers.checkpoints`).
+(prefetch, cache, resend; a stage with teachers needs their Ray actor pools either way). What the loop asks of
+its runner (rank, device, datasets, checkpoints) it asks a `workers.train_context` context. Rank 0 logs
+per-step metrics to the stage's MLflow run (`workers.step_log`), evaluates on the validation split (every
+`eval_every` steps and at each epoch's end: the learning curve) and writes checkpoints (`workers.checkpoints`).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
-from ray.data import DataIterator
 from transformers import ProcessorMixin
 
 from workers.checkpoints import record_attempt, report_checkpoint, resume
@@ -28,13 +30,36 @@ from workers.optim import adamw, set_lr, update
 from workers.prompts import collate_records, prefixed
 from workers.step_log import StepLogger, Throughput, summed
 from workers.teacher_requests import TeacherRequests
+from workers.train_context import Batches, LocalContext, RayTrainContext, TrainContext
+
+OnLog = Callable[[int, dict[str, float]], None]  # (step, metrics) as rank 0 logs them (`workers.step_log`)
 
 
 def train_loop_per_worker(cfg: dict) -> dict:
     """Ray Train entry point. `cfg["job"]`: the stage's `StageJob`; `cfg["iterators"]`: a one-worker stage's
     datasets by name (`orchestrator.stages`), else absent and read with `ray.train.get_dataset_shard`. Returns
     final validation metrics (rank 0)."""
-    run = StageRun(cfg["job"], cfg.get("iterators"))
+    return run_stage(cfg["job"], RayTrainContext(cfg.get("iterators")))
+
+
+def run_in_process(job: StageJob, datasets: dict[str, Batches | dict[str, np.ndarray]], storage: Path,
+                   device: str = "cpu", on_log: OnLog | None = None) -> dict:
+    """The same stage in this process, without Ray Train: `datasets` by the names the job reads (`job.train_sets`
+    and "val"; `workers.train_context.ColumnDataset`s, Ray Datasets or dicts of encoded columns, in stored order),
+    checkpoints under `storage` (a second call on the same storage resumes from the latest, as a restart would).
+    `on_log(step, values)` gets what MLflow gets (losses per step, `val/*` points), `job.tracking` or not.
+    Returns what `train_loop_per_worker` returns. Torch's thread count is the job's during the run (as in a Ray
+    worker) and the caller's again after it."""
+    threads = torch.get_num_threads()
+    try:
+        return run_stage(job, LocalContext(datasets, storage, device), on_log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_stage(job: StageJob, ctx: TrainContext, on_log: OnLog | None = None) -> dict:
+    """Epochs up to the job's step count, a checkpoint after each; rank 0's final metrics."""
+    run = StageRun(job, ctx, on_log)
     while run.step < run.total:
         run.train_epoch()
         run.end_epoch()
@@ -42,19 +67,16 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
 
 class StageRun:
-    """One worker's share of a stage: the student, its optimizer, objective and teacher requests, and the step."""
+    """One worker's share of a stage: the student, its optimizer, objective and teacher requests, and the step;
+    `ctx` is where it runs (`workers.train_context`)."""
 
-    def __init__(self, job: StageJob, iterators: dict | None = None):
-        import ray.train
-        import ray.train.torch
-
+    def __init__(self, job: StageJob, ctx: TrainContext, on_log: OnLog | None = None):
         self.job, tc = job, job.train
-        self.iterators = iterators
+        self.ctx = ctx
         torch.set_num_threads(max(1, int(job.threads)))
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = ctx.rank, ctx.world
         torch.manual_seed(job.seed + self.rank)
-        self.device = ray.train.torch.get_device()
+        self.device = ctx.device
         self.model, self.processor = load_model_dir(job.model_dir, dtype=getattr(torch, tc.dtype),
                                                     device=str(self.device), trust_remote_code=job.trust_remote_code)
         if tc.lora:
@@ -64,14 +86,14 @@ class StageRun:
                                         balance_tasks=tc.balance_tasks)
         self.requests = TeacherRequests(job.loss, self.device)
         self.optimizer = adamw(self.model, tc.lr, tc.weight_decay)
-        self.step = resume(self.model, self.optimizer)
-        self.ddp_model = (ray.train.torch.prepare_model(self.model, move_to_device=False) if self.world > 1
-                          else self.model)
+        self.step = resume(ctx, self.model, self.optimizer)
+        self.ddp_model = ctx.prepare(self.model)
         self.steps_per_epoch = max(1, job.n_units // (tc.batch_size * self.world))
         self.total = max(1, round(tc.epochs * self.steps_per_epoch))
         self.warmup = max(1, int(tc.warmup_ratio * self.total))
-        self.logger = StepLogger(job.tracking, enabled=self.rank == 0, progress=job.progress, total=self.total)
-        record_attempt(self.logger, self.step, self.rank)  # a restart logs where it picked up
+        self.logger = StepLogger(job.tracking, enabled=self.rank == 0, progress=job.progress, total=self.total,
+                                 on_log=on_log)
+        record_attempt(ctx, self.logger, self.step)  # a restart logs where it picked up
         self.ddp_model.train()
         self.throughput = Throughput(tc.batch_size * self.world)
         self.scored_at, self.val = -1, {}  # the step of rank 0's latest validation metrics, and those
@@ -82,7 +104,7 @@ class StageRun:
         epoch = self.step // self.steps_per_epoch
         epoch_end = min(self.total, (epoch + 1) * self.steps_per_epoch)
         sets = self.job.train_sets
-        shard = self.dataset(sets[min(epoch, len(sets) - 1)])
+        shard = self.ctx.dataset(sets[min(epoch, len(sets) - 1)])
         raw_batches = shuffled_batches(shard, tc.batch_size, self.job.seed, epoch)
         batches = (self.collate(raw) for raw in itertools.islice(raw_batches, epoch_end - self.step))
         self.throughput.resume()
@@ -121,7 +143,7 @@ class StageRun:
         """Validation metrics (rank 0), flushed to MLflow before the checkpoint every rank reports."""
         metrics = self.validate()
         self.logger.flush()  # every metric up to a checkpoint is in MLflow before the checkpoint exists
-        report_checkpoint(self.model, self.optimizer, self.step, metrics, self.rank)
+        report_checkpoint(self.ctx, self.model, self.optimizer, self.step, metrics)
 
     def finish(self) -> dict:
         """Teacher counters summed over workers; rank 0 saves the model and returns the final metrics."""
@@ -136,13 +158,6 @@ class StageRun:
         return {**metrics, "world_size": self.world, "steps": self.step,
                 "train_samples_per_s": self.throughput.rate(), **teacher_stats}
 
-    def dataset(self, name: str) -> DataIterator:
-        """The stage's dataset `name` as this worker reads it: handed over in the loop's config, or Ray Train's
-        shard."""
-        import ray.train
-
-        return self.iterators[name] if self.iterators else ray.train.get_dataset_shard(name)
-
     def validate(self) -> dict[str, float]:
         """Rank 0's validation metrics at the current step, logged as `val/*`; scored once per step (an
         `eval_every` step that ends an epoch, or the last epoch's end and `finish`, share one pass). Other
@@ -151,7 +166,7 @@ class StageRun:
             return {}
         if self.scored_at != self.step:
             self.val = evaluate_rank0(self.model, self.processor, self.label_ids, self.job.train.batch_size,
-                                      self.dataset("val"), self.job.inputs)
+                                      self.ctx.dataset("val"), self.job.inputs)
             self.scored_at = self.step
             self.logger.log(self.step, {f"val/{k}": v for k, v in self.val.items()}, every=1)
         return self.val
@@ -160,7 +175,7 @@ class StageRun:
 SHUFFLE_ROWS = 1024  # rows a worker shuffles at a time: the whole of a small split, a wide window of a large one
 
 
-def shuffled_batches(shard: DataIterator, batch_size: int, seed: int, epoch: int,
+def shuffled_batches(shard: Batches, batch_size: int, seed: int, epoch: int,
                      window: int = SHUFFLE_ROWS) -> Iterator[dict]:
     """One epoch of a worker's training rows in full batches, shuffled anew each epoch from (seed, epoch), window
     by window of the rows in their stored order (interleaved by task, `orchestrator.unlabeled.spread`); the
@@ -179,7 +194,7 @@ def shuffled_batches(shard: DataIterator, batch_size: int, seed: int, epoch: int
 
 
 def evaluate_rank0(model: torch.nn.Module, processor: ProcessorMixin, label_ids: tuple[int, int],
-                   batch_size: int, val: DataIterator, inputs: str = "") -> dict[str, float]:
+                   batch_size: int, val: Batches, inputs: str = "") -> dict[str, float]:
     """Metrics per task on the whole validation split `val` (rank 0 reads it unsplit, the encoding under column
     prefix `inputs`), one entry per supervised position with that position's task."""
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
