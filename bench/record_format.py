@@ -38,8 +38,9 @@ IMAGE_SIZE = 112
 
 def per_option_units(records: list[dict]) -> list[dict]:
     """The replaced format, one unit per option, as units `encode_records` reads (empty answer: the supervised
-    position is the last prompt token)."""
-    return [{"uid": f"{r['id']}#{i}", "record_id": r["id"], "task": r["task"], "image": r["image"],
+    position is the last prompt token; task "factuality", the task `encode_records` reads at the last token,
+    where Task 1 units are read at their option markers)."""
+    return [{"uid": f"{r['id']}#{i}", "record_id": r["id"], "task": "factuality", "image": r["image"],
              "text": f"Caption: {r['caption']}\nPhrase: {o}\nIs the phrase hallucinated?", "answer": "",
              "targets": [int(r["hallucinated"][i])]}
             for r in records for i, o in enumerate(r["options"])]
