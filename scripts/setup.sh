@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv, installs torch pinned to 2.13.0 (TORCH_SPEC overrides; on CI machines this resolves to the
-# local CPU wheel, never a CUDA build), then hkd4vlm with its dependencies and its test extra (hypothesis, markdown).
+# local CPU wheel, never a CUDA build), then hkd4vlm with its dependencies and its test extra (hypothesis,
+# markdown, num2words).
 # A torch already in the venv is kept, so GPU users install their CUDA torch first (see docs/setup.md) and run this
 # after.
 set -euo pipefail

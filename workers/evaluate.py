@@ -28,7 +28,8 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     per option, Task 2 one), each `{uid: "<record id>#<slot>", record_id, task, target}`. `margin` is
     logit(yes) − logit(no) there, averaged with the horizontally flipped view when `tta` (image mirrored,
     left/right swapped in the user text and in the options). `prob` = sigmoid(margin + shift[task]), and the metrics use it; `shift`
-    defaults to the offsets stored in the model dir (`{}` scores without a shift).
+    defaults to the offsets stored in the model dir (`{}` scores without a shift). Pixels stay fp32 (not the
+    object store's fp16), so a margin is the plain model's forward on the record (docs/interop.md).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -41,8 +42,8 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
 
     def margins_of(batch_units: list[dict]) -> np.ndarray:
-        batches = (collate_records(encode_records(batch_units[i:i + batch_size], processor), pad_id, image_id)
-                   for i in range(0, len(batch_units), batch_size))
+        batches = (collate_records(encode_records(batch_units[i:i + batch_size], processor, np.float32), pad_id,
+                                   image_id) for i in range(0, len(batch_units), batch_size))
         return _margins(model, batches, label_ids)
 
     start = time.perf_counter()

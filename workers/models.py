@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, ProcessorMixin
 
-from workers.families import FAMILIES, load_processor
+from workers.families import FAMILIES, family_of, load_processor
+from workers.families.interop import write_own_processor_files
 from workers.lora import ADAPTER_DIR, is_lora
 from workers.shapes import LevelShape
 
@@ -86,10 +87,11 @@ def save_model_dir(model: torch.nn.Module, processor: ProcessorMixin, out_dir: s
                    extra: dict | None = None) -> Path:
     """Write a complete model dir under a temporary name, then rename: a dir that exists is complete.
 
-    A LoRA (PEFT) model is saved as its adapter under `adapter/` plus merged weights; it is merged in place,
-    so save it after its last training step. A failed write (disk full, read-only storage) removes its partial
-    temporary dir; a previous dir of the same name is moved aside, never deleted in place, so a crash cannot
-    leave it half-deleted.
+    The processor files name the family's own processor class, so plain `transformers` loads the dir
+    (`workers.families.interop`). A LoRA (PEFT) model is saved as its adapter under `adapter/` plus merged
+    weights; it is merged in place, so save it after its last training step. A failed write (disk full, read-only
+    storage) removes its partial temporary dir; a previous dir of the same name is moved aside, never deleted in
+    place, so a crash cannot leave it half-deleted.
     """
     out = Path(out_dir)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
@@ -102,6 +104,7 @@ def save_model_dir(model: torch.nn.Module, processor: ProcessorMixin, out_dir: s
             model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        write_own_processor_files(tmp, family_of(tmp).own)
         if extra:
             (tmp / "hkd.json").write_text(json.dumps(extra, indent=2))
     except BaseException:

@@ -47,7 +47,8 @@ def record_units(records: list[dict]) -> list[dict]:
     return units
 
 
-def encode_records(units: dict[str, np.ndarray] | list[dict], processor: ProcessorMixin) -> dict[str, np.ndarray]:
+def encode_records(units: dict[str, np.ndarray] | list[dict], processor: ProcessorMixin,
+                   pixel_dtype: type = np.float16) -> dict[str, np.ndarray]:
     """Tokenize prompts and preprocess images, one row per record (no padding: `collate_records` pads per
     batch), with the supervised positions of each row (indices into its unpadded `input_ids`: each option's
     closing token, else the last token: the claim's end) and their targets.
@@ -55,7 +56,8 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     Accepts a list of unit dicts or a Ray Data column batch; returns a column batch whose variable-length
     `input_ids`, `positions`, `targets` and per-row image arrays (the processor's image format,
     `workers.families.formats`) are object arrays. A unit with `image_array` (an augmented image in memory,
-    uint8 HxWx3) uses it instead of reading `image`.
+    uint8 HxWx3) uses it instead of reading `image`. Pixels are stored as `pixel_dtype`: fp16 halves the bytes
+    in Ray's object store; in-process scoring keeps fp32, so its scores are the plain model's (docs/interop.md).
     """
     rows = _as_rows(units)
     images = [Image.fromarray(r["image_array"]) if "image_array" in r else load_rgb(r["image"]) for r in rows]
@@ -78,8 +80,7 @@ def encode_records(units: dict[str, np.ndarray] | list[dict], processor: Process
     out["input_ids"] = object_array(ids)
     out["positions"] = object_array(positions)
     out["targets"] = object_array([np.asarray(r["targets"], dtype=np.int64) for r in rows])
-    # fp16 pixels: half the bytes in the object store
-    return {**out, **format_of(enc).rows(enc, len(rows), np.float16)}
+    return {**out, **format_of(enc).rows(enc, len(rows), pixel_dtype)}
 
 
 def chat_prompt(text: str, processor: ProcessorMixin) -> str:

@@ -18,6 +18,7 @@ from typing import Callable
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from workers.families import gemma3, idefics3, internvl, qwen2_5_vl, qwen3_vl, smolvlm
+from workers.families.interop import OwnProcessor
 from workers.shapes import LevelShape
 
 
@@ -30,16 +31,23 @@ class Family:
     processor_class: type[ProcessorMixin]  # one without a video processor (those need torchvision)
     build_config: Callable[[LevelShape, PreTrainedTokenizerFast], PretrainedConfig]
     build_processor: Callable[[PreTrainedTokenizerFast, int, str], ProcessorMixin]  # tokenizer, image px, template
+    own: OwnProcessor  # the family's own processor in transformers, which a saved model dir names
 
 
 FAMILIES = {f.name: f for f in (
-    Family("qwen2_5_vl", qwen2_5_vl.MODEL, qwen2_5_vl.HKDProcessor, qwen2_5_vl.build_config, qwen2_5_vl.build_processor),
-    Family("qwen3_vl", qwen3_vl.MODEL, qwen3_vl.HKDQwen3VLProcessor, qwen3_vl.build_config, qwen3_vl.build_processor),
-    Family("idefics3", idefics3.MODEL, idefics3.PROCESSOR, idefics3.build_config, idefics3.build_processor),
-    Family("smolvlm", smolvlm.MODEL, smolvlm.HKDSmolVLMProcessor, smolvlm.build_config, smolvlm.build_processor),
-    Family("gemma3", gemma3.MODEL, gemma3.PROCESSOR, gemma3.build_config, gemma3.build_processor),
+    Family("qwen2_5_vl", qwen2_5_vl.MODEL, qwen2_5_vl.HKDProcessor, qwen2_5_vl.build_config, qwen2_5_vl.build_processor,
+           OwnProcessor("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")),
+    Family("qwen3_vl", qwen3_vl.MODEL, qwen3_vl.HKDQwen3VLProcessor, qwen3_vl.build_config, qwen3_vl.build_processor,
+           OwnProcessor("Qwen3VLProcessor", "Qwen3VLVideoProcessor")),
+    Family("idefics3", idefics3.MODEL, idefics3.PROCESSOR, idefics3.build_config, idefics3.build_processor,
+           OwnProcessor("Idefics3Processor")),
+    Family("smolvlm", smolvlm.MODEL, smolvlm.HKDSmolVLMProcessor, smolvlm.build_config, smolvlm.build_processor,
+           OwnProcessor("SmolVLMProcessor", "SmolVLMVideoProcessor")),
+    Family("gemma3", gemma3.MODEL, gemma3.PROCESSOR, gemma3.build_config, gemma3.build_processor,
+           OwnProcessor("Gemma3Processor")),
+    # InternVL's own processor crops an image into up to `max_patches` tiles; hkd's never does
     Family("internvl", internvl.MODEL, internvl.HKDInternVLProcessor, internvl.build_config,
-           internvl.build_processor),
+           internvl.build_processor, OwnProcessor("InternVLProcessor", "InternVLVideoProcessor", {"max_patches": 1})),
 )}
 
 
@@ -59,7 +67,7 @@ def family_of(model_dir: str | Path) -> Family:
     saved = local / "processor_config.json"
     processor = json.loads(saved.read_text()).get("processor_class") if saved.is_file() else None
     for family in FAMILIES.values():
-        if processor == family.processor_class.__name__:
+        if processor in (family.processor_class.__name__, family.own.name):  # hkd's class (older dirs) or its own
             return family
     raise UnsupportedFamilyError(f"{model_dir}: model_type {model_type!r} is not a supported family "
                                  f"({', '.join(FAMILIES)})")
