@@ -102,9 +102,10 @@ STORED_FINGERPRINTS = {
     "configs/quickstart.yaml": {"L-direct": "cf9de778fce57058", "M-direct": "26e8fa94e5b7243d",
                                 "S-direct": "c7396ab97b72498d", "M+PPOD": "33b7863bf120ff3e",
                                 "S+PPOD": "8c1d61a4102f52d4", "S+PPOD+TCRD": "947be142a85356f1"},
-    "configs/paper.yaml": {"L-direct": "5e0952c186aac9ec", "M-direct": "ef876aa9c3e5e5ef",
-                           "S-direct": "f2221fc3144da864", "M+PPOD": "eb2111b323273628", "S+PPOD": "eb8d8b1501e62f27",
-                           "S+PPOD+TCRD": "7873de8187b3948a"},
+    # paper.yaml's data and schedule changed on 2026-12-05 (3,000 records per task, L at lr 3e-4): stored anew
+    "configs/paper.yaml": {"L-direct": "0d99abbbbcdd44c5", "M-direct": "267517f05bd4766f",
+                           "S-direct": "af93b01bb530f5fd", "M+PPOD": "9136339f2ea14bcf", "S+PPOD": "92c2ae11f9952e81",
+                           "S+PPOD+TCRD": "1e107290be7ed848"},
     "configs/challenge.yaml": {"L-direct": "9439211ab5067802", "S-direct": "0509209829e37c8b",
                                "S+TCRD": "c58a2da3188f7635"},
 }
