@@ -37,7 +37,7 @@ data: {{source: synth, synth: {{train: 12, val: 6, test: 6}}}}
 levels: {{L: {tiny}, M: {tiny}, S: {tiny}}}
 direct: {{levels: [L], train: {{epochs: {epochs}, batch_size: 2, log_every: 1}}}}
 ppod:
-  enabled: true
+  enabled: {ppod}
   stages: [{{student: M, teachers: [{{level: L}}]}}, {{student: S, teachers: [{{level: M}}, {{level: L}}]}}]
   train: {{epochs: {epochs}, batch_size: 2, log_every: 1}}
 teachers: {{k: 8, num_cpus: 0.5, prefetch: 1, max_restarts: 1000}}
@@ -117,12 +117,14 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="stop injecting after this long")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out", help="work dir (default: a temporary one)")
+    ap.add_argument("--direct-only", action="store_true", help="L's direct stage alone, no PPOD (no teachers to kill; "
+                                                               "the smoke test's size)")
     args = ap.parse_args()
     print(describe(probe()), flush=True)
     work = Path(args.out or tempfile.mkdtemp(prefix="hkd-soak-")).resolve()
     config = work / "soak.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(CONFIG.format(tiny=TINY, epochs=args.epochs))
+    config.write_text(CONFIG.format(tiny=TINY, epochs=args.epochs, ppod="false" if args.direct_only else "true"))
     cfg = load_config(config)
 
     start = time.time()

@@ -60,7 +60,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--base", default="configs/quickstart.yaml")
     p.add_argument("--from-run", help="a finished `hkd run` of --base (default: a stand-in run dir)")
-    p.add_argument("--trials", type=int, default=4, choices=range(2, len(CE_WEIGHTS) + 1))
+    p.add_argument("--trials", type=int, default=4, choices=range(1, len(CE_WEIGHTS) + 1),
+                   help="1 saves nothing (the smoke test's size)")
     args = p.parse_args()
     print(describe(probe()), flush=True)
     work = Path(tempfile.mkdtemp(prefix="sweep-cache-"))
