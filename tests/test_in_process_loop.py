@@ -22,6 +22,7 @@ from orchestrator.stages import (
     default_stage_loss,
     encode_split,
     fit_stage,
+    one_worker_iterators,
     stage_job,
     stage_tracking,
     train_datasets,
@@ -31,8 +32,8 @@ from workers import synth
 from workers.data import load_jsonl
 from workers.models import load_model_dir
 from workers.prompts import encode_with, record_units
-from workers.train_context import CHECKPOINT_PREFIX
-from workers.train_loop import run_in_process
+from workers.train_context import CHECKPOINT_PREFIX, ColumnDataset
+from workers.train_loop import run_in_process, shuffled_batches
 
 RES = Resources(num_workers=1, cpus_per_worker=1, dashboard=False)
 EPOCHS, BATCH = 2, 4
@@ -59,12 +60,15 @@ def stage(tmp_path_factory, tiny_model_dir, records, bench_dir):
             job = stage_job(cfg, plan, tiny_model_dir, tmp / "ray_out", default_stage_loss(), sets,
                             encoded["train"].count(), stage_tracking(uri))
             metrics = fit_stage("S-direct", job, sets, encoded["val"], RES, tmp / "ray")
+        # the training rows in three blocks, read as a one-worker stage reads them, in windows across blocks
+        blocks = one_worker_iterators({"train": encoded["train"].repartition(3)})["train"]
+        ray_order = [b["uid"].tolist() for b in shuffled_batches(blocks, 5, job.seed, 1, window=7)]
     finally:
         ray.shutdown()
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
     columns = {s: encode_with(record_units(rows), processor) for s, rows in splits.items()}
     return {"job": dataclasses.replace(job, tracking=None), "columns": columns, "metrics": metrics,
-            "losses": {m.step: m.value for m in history}}
+            "losses": {m.step: m.value for m in history}, "ray_order": ray_order}
 
 
 def _in_process(stage: dict, tmp_path, name: str, crash_at: int | None = None) -> tuple[dict, dict]:
@@ -81,6 +85,13 @@ def _in_process(stage: dict, tmp_path, name: str, crash_at: int | None = None) -
     metrics = run_in_process(job, {"train": stage["columns"]["train"], "val": stage["columns"]["val"]},
                              tmp_path / "storage", on_log=on_log)
     return logged, metrics
+
+
+def test_column_dataset_batches_rows_as_ray_data_does(stage):
+    """`shuffled_batches` over a ColumnDataset: the same batches as over Ray Data's iterator of the same rows, also
+    where its windows and the batches cross block boundaries and leave a remainder."""
+    ours = shuffled_batches(ColumnDataset(stage["columns"]["train"]), 5, stage["job"].seed, 1, window=7)
+    assert [b["uid"].tolist() for b in ours] == stage["ray_order"] and len(stage["ray_order"]) == 24 // 5
 
 
 def test_a_direct_stage_learns_the_same_in_process_as_under_ray_train(stage, tmp_path):
