@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.train import ScalingConfig
 
 from orchestrator.config import Placement, Resources
@@ -58,6 +59,9 @@ def init_ray(res: Resources, teacher_cpus: float = 0.0, custom: dict[str, float]
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)) + 1, runtime_env=env,
                  resources=custom or None, include_dashboard=res.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
+    # the datasets the driver builds carry its DataContext to the workers that read them, and ray.data read
+    # RAY_DATA_DISABLE_PROGRESS_BARS when it was imported: set it here
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if log_dir is not None:
         _note_session(log_dir, private=not address)
     return _dashboard_url()
@@ -156,10 +160,15 @@ def copy_session_logs(src: Path, dest: Path, tail: int = TAIL_BYTES, total: int 
 
 def _env_vars_beside_job() -> dict[str, str]:
     """Env vars for every Ray process, minus those a submitted job's runtime env already sets: inside
-    `ray job submit`, Ray refuses to merge a key that both the job and `ray.init` set."""
+    `ray job submit`, Ray refuses to merge a key that both the job and `ray.init` set.
+
+    Ray Data draws no progress bars: hkd's step bar shows a stage's progress, and a train worker's bars were
+    closed only when Ray stopped it, so their last lines ("✔️ Dataset … execution finished") reached the
+    driver after hkd's `done in` line, past the console capture."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by Ray in a job's driver
     taken = (job.get("runtime_env") or {}).get("env_vars") or {}
-    wanted = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+    wanted = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
+              "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     return {k: v for k, v in wanted.items() if k not in taken}
 
 
