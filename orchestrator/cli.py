@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> None:
             from orchestrator.ablation import run_ablation
 
             report = run_ablation(args.config, args.overrides, run_dir, log=console.say)
-            console.say("\nAblation:\n" + markdown_table({"rows": report["ablation"]}))
+            console.say("\nAblation:\n" + markdown_table({"rows": report["ablation"]}).rstrip())
         else:
             run(cfg, run_dir, config_path=args.config, overrides=args.overrides)
 

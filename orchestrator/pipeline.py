@@ -219,7 +219,7 @@ def _print_plan(cfg: RunConfig, plans: list[StagePlan], meta: dict, run_dir: Pat
     log("  stages: " + " → ".join(p.name for p in plans))
     across = [pair for pair, kind in kinds.items() if kind == "label_words"]
     if across:
-        log("  KD over the label words (teacher and student tokenizers differ): " + ", ".join(across))
+        log("  KD over the label words (kd_over: label_words, or tokenizers that differ): " + ", ".join(across))
     log(f"  run dir: {run_dir}  (Ray and library output: {run_dir / 'logs'}/)")
 
 

@@ -321,8 +321,9 @@ def fingerprints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, str]:
     for p in plans:
         deps = ([out[p.init]] if p.init else []) + [out[t["stage"]] for t in p.teachers]
         # eval_every only adds validation scores to the record; the trained weights are the same
-        # balance_tasks enters only when on: runs from before it keep their fingerprints
-        train = p.train.model_dump(exclude={"eval_every"} | (set() if p.train.balance_tasks else {"balance_tasks"}))
+        train = p.train.model_dump(exclude={"eval_every"})
+        if train.get("balance_tasks") is False:  # enters only when on: runs from before it keep their fingerprints
+            del train["balance_tasks"]
         plan = {"name": p.name, "kind": p.kind, "train": train,
                 "ce_weight": p.ce_weight, "teachers": p.teachers, "sharpness": p.sharpness}
         if p.kd != KDSettings():  # only a non-default divergence enters: runs from before `kd_loss` keep theirs

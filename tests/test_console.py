@@ -27,7 +27,8 @@ def test_default_console_is_hkds_own_lines(method_run):
     assert len(main_run) <= 100, "\n".join(main_run)  # six stages; each ablation variant adds its own lines
     noisy = [line for line in lines if NOISE.search(line)]
     assert not noisy, noisy
-    assert lines[-1].startswith("| "), lines[-5:]  # the ablation table ends it: nothing of Ray's after hkd's last line
+    last = [line for line in lines if line.strip()][-1]
+    assert last.startswith("| "), lines[-5:]  # the ablation table ends it: nothing of Ray's after hkd's last line
     text = "\n".join(lines)
     for expected in ("hkd run method: 6 stages", "level L:", "data: train", "run dir:", "stage 1/6: L-direct",
                      "[S+PPOD] done in", "| S+PPOD+TCRD+shift |", "[ablation] no PPOD:", "report:", "plots:",

@@ -202,8 +202,8 @@ def test_every_family_distils_into_the_next_through_ray_then_evaluates_and_predi
         assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     finally:
         ray.shutdown()
-    assert ("KD over the label words (teacher and student tokenizers differ): Q-direct→S+PPOD, D+PPOD→G+PPOD, "
-            "G+PPOD→I+PPOD") in capsys.readouterr().out
+    assert ("KD over the label words (kd_over: label_words, or tokenizers that differ): Q-direct→S+PPOD, "
+            "D+PPOD→G+PPOD, G+PPOD→I+PPOD") in capsys.readouterr().out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     (stage,) = client.search_runs([client.get_experiment_by_name("hkd4vlm").experiment_id],
                                   "attributes.run_name = 'S+PPOD'")

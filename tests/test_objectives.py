@@ -166,3 +166,12 @@ def test_balance_tasks_enters_only_the_fingerprints_of_stages_that_use_it():
     on = load_config(QUICKSTART, ["tcrd.train.balance_tasks=true"])
     before, after = fingerprints(cfg, plan_stages(cfg)), fingerprints(on, plan_stages(on))
     assert [n for n in before if before[n] != after[n]] == ["S+PPOD+TCRD"]
+
+
+def test_fingerprints_of_a_run_with_grounding_stages(tmp_path):
+    """A grounding stage's settings have no `balance_tasks` (it trains no task): its fingerprint still computes."""
+    tiny = ("{hidden: 32, layers: 2, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, "
+            "vision_heads: 2}")
+    cfg = load_config(QUICKSTART, [f"levels={{L: {tiny}, M: {tiny}, S: {tiny}}}", "pretrain={enabled: true}"])
+    prints = fingerprints(cfg, plan_stages(cfg))
+    assert {"L-grounding", "S-direct", "S+PPOD+TCRD"} <= set(prints)
