@@ -5,11 +5,11 @@
 Reruns the S stages of a finished run once per extra training seed (`train_seeds.<S>`: data order, augmentation
 draws and torch's seed of S's stages; the run's `seed` alone makes the benchmark). The benchmark, the bases, L and
 M stay the run's: their finished stages are linked into `<run>/claim/seed-<N>/`, not retrained
-(`orchestrator.ablation.share_finished`), so every row is scored on the same test records. Prints per row and
+(`orchestrator.run.ablation.share_finished`), so every row is scored on the same test records. Prints per row and
 task the mean ± sd over the run's seed and the extra ones, then the gain of the final S over directly tuned S:
 each seed judged against its own S-direct (final mean of both tasks − that seed's S-direct mean), both rows
 scored alike (both without the mapping shift; both with their own), with the paired bootstrap 95% interval of
-the seed-mean gain (resampling test records, the same draws for every row; `orchestrator.stats`).
+the seed-mean gain (resampling test records, the same draws for every row; `orchestrator.report.stats`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.ablation import share_finished  # noqa: E402
-from orchestrator.config import RunConfig, validate_raw  # noqa: E402
-from orchestrator.machine import describe, probe  # noqa: E402
-from orchestrator.pipeline import run  # noqa: E402
-from orchestrator.stages import plan_stages  # noqa: E402
-from orchestrator.stats import bootstrap_draws, percentile_interval  # noqa: E402
-from orchestrator.tracking import tracking_uri  # noqa: E402
-from workers.calibration import sigmoid  # noqa: E402
+from orchestrator.run.ablation import share_finished  # noqa: E402
+from orchestrator.config.schema import RunConfig, validate_raw  # noqa: E402
+from orchestrator.cluster.machine import describe, probe  # noqa: E402
+from orchestrator.run.pipeline import run  # noqa: E402
+from orchestrator.run.stages import plan_stages  # noqa: E402
+from orchestrator.report.stats import bootstrap_draws, percentile_interval  # noqa: E402
+from orchestrator.report.tracking import tracking_uri  # noqa: E402
+from workers.inference.calibration import sigmoid  # noqa: E402
 
 TASKS = ("hallucination", "factuality")
 SCORINGS = {"no shift": False, "each with its own shift": True}

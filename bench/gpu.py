@@ -1,9 +1,9 @@
 """One-shot benchmark of the product's own distillation code on a GPU; `--tiny` is its CPU smoke run (CI).
 
-Everything timed is what `hkd run` runs: model dirs written by `workers.models` and loaded with
-`load_model_dir`, the teacher actor class `workers.teacher.Teacher` / `TeacherPool`, the stage objective
-`workers.objectives.StageObjective` with `workers.optim`, and a whole stage through `orchestrator.stages.fit_stage`
-(the Ray Train loop `workers.train_loop`, teacher prefetch `workers.teacher_requests`). This file holds only
+Everything timed is what `hkd run` runs: model dirs written by `workers.models.model_dirs` and loaded with
+`load_model_dir`, the teacher actor class `workers.teachers.pool.Teacher` / `TeacherPool`, the stage objective
+`workers.training.objectives.StageObjective` with `workers.training.optim`, and a whole stage through `orchestrator.run.stages.fit_stage`
+(the Ray Train loop `workers.training.loop`, teacher prefetch `workers.teachers.requests`). This file holds only
 measurement: inputs, timers, FLOPs, the report. It defines no model, teacher or loss of its own.
 
 Parts (each optional, each guarded: a failure is recorded in the JSON and the next part runs):
@@ -11,7 +11,7 @@ Parts (each optional, each guarded: a failure is recorded in the JSON and the ne
   teacher  `Teacher` in-process: load time, then `infer` (forward at the answer position + top-k wire): samples/s, MFU
   student  load the student dir, one step of the PPOD objective (CE + top-k KD, `--kd-loss`) against precomputed
            teacher outputs, `optim.update` (AdamW, grad clip): samples/s, MFU
-  lora     the same step with `workers.lora.add_lora` (r=--lora-r on q/k/v/o of the text model): samples/s, MFU
+  lora     the same step with `workers.models.lora.add_lora` (r=--lora-r on q/k/v/o of the text model): samples/s, MFU
   actor    `TeacherPool.start` (num_gpus=0.5) answering `submit` in the wire format: samples/s, latency
   e2e      `fit_stage` of a PPOD stage (one Ray Train worker, num_gpus=0.5) against that pool, prefetching:
            the loop's steady-state samples/s and its ratio to the in-process bounds
@@ -19,7 +19,7 @@ Parts (each optional, each guarded: a failure is recorded in the JSON and the ne
 Models: `--teacher-dir/--student-dir` take real checkpoints (the path a user with weights runs). Without them
 the bench writes random-init dirs: at real sizes, the mirrored hub config.json (`configs/qwen2_5_vl/`, 7B teacher,
 3B student) over the product's tokenizer (special-token ids remapped to it); with `--tiny`, `build_level` of
-tiny `LevelShape`s. Inputs are the product's prompts (`workers.synth` records → `encode_records` →
+tiny `LevelShape`s. Inputs are the product's prompts (`workers.data.synth` records → `encode_records` →
 `collate_records`, one row per record) at `--image` px.
 
     python bench/gpu.py                       # everything, GPU
@@ -59,8 +59,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 import torch  # noqa: E402
 
-from orchestrator.machine import describe, probe  # noqa: E402
-from workers.models import LevelShape  # noqa: E402
+from orchestrator.cluster.machine import describe, probe  # noqa: E402
+from workers.models.model_dirs import LevelShape  # noqa: E402
 
 ALL_PARTS = ("teacher", "student", "lora", "actor", "e2e")
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
@@ -85,7 +85,7 @@ def hub_config(name: str, tokenizer):
     """The mirrored hub config.json of `name`, its special-token ids remapped to the product's tokenizer."""
     from transformers import Qwen2_5_VLConfig
 
-    from workers.models import SPECIAL_TOKENS
+    from workers.models.model_dirs import SPECIAL_TOKENS
 
     config = Qwen2_5_VLConfig.from_json_file(str(ROOT / "configs" / "qwen2_5_vl" / f"{name}.json"))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -101,8 +101,8 @@ def write_model_dir(ctx: Ctx, role: str) -> Path:
     """A random-init model dir the product loads: `build_level` (tiny) or a hub config's shape (real sizes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from workers.families.qwen2_5_vl import build_processor
-    from workers.models import CHAT_TEMPLATE, build_level, save_model_dir
+    from workers.models.families.qwen2_5_vl import build_processor
+    from workers.models.model_dirs import CHAT_TEMPLATE, build_level, save_model_dir
 
     out = ctx.work / role
     if ctx.tiny:
@@ -118,18 +118,18 @@ def write_model_dir(ctx: Ctx, role: str) -> Path:
 
 
 def records(ctx: Ctx, split: str) -> list[dict]:
-    from workers.data import load_jsonl
-    from workers.synth import TASKS
+    from workers.data.records import load_jsonl
+    from workers.data.synth import TASKS
 
     return [r for task in TASKS for r in load_jsonl(ctx.work / "data" / task / f"{split}.jsonl")]
 
 
 def prepare(ctx: Ctx) -> None:
     """Benchmark records at `--image` px, the tokenizer, and the teacher and student dirs (given or written)."""
-    from workers.families import load_processor
-    from workers.models import build_tokenizer
-    from workers.prompts import record_units
-    from workers.synth import SynthSpec, generate, sample_texts
+    from workers.models.families import load_processor
+    from workers.models.model_dirs import build_tokenizer
+    from workers.models.prompts import record_units
+    from workers.data.synth import SynthSpec, generate, sample_texts
 
     a = ctx.args
     n = max(4, a.batch * (a.e2e_steps + a.warmup + 2) // 2)  # scenes per task; one unit (forward) per record
@@ -150,7 +150,7 @@ def prepare(ctx: Ctx) -> None:
 
 def batches(ctx: Ctx, processor, image_token_id: int, n: int, offset: int = 0) -> list[dict]:
     """`n` collated batches of the product's prompts (on CPU, as a train worker's shard hands them over)."""
-    from workers.prompts import collate_records, encode_records
+    from workers.models.prompts import collate_records, encode_records
 
     b = ctx.args.batch
     units = [ctx.units[(offset + i) % len(ctx.units)] for i in range(n * b)]
@@ -298,7 +298,7 @@ class Ctx:
 
     def loss_config(self, prefetch: int = 0):
         """The PPOD stage loss the student parts and e2e run: one teacher, the run config's other defaults."""
-        from orchestrator.stages import default_stage_loss
+        from orchestrator.run.stages import default_stage_loss
 
         a = self.args
         return default_stage_loss([{"stage": POOL, "pool": POOL, "temperature": a.temperature}], k=a.k,
@@ -321,7 +321,7 @@ class Ctx:
 
 def part_teacher(ctx: Ctx) -> dict:
     """The teacher actor's class in-process: load its dir, then `infer` on wire inputs (as an actor call does)."""
-    from workers.teacher import Teacher, to_numpy_inputs
+    from workers.teachers.pool import Teacher, to_numpy_inputs
 
     a = ctx.args
     t = time.perf_counter()
@@ -335,7 +335,7 @@ def part_teacher(ctx: Ctx) -> dict:
     params = count_params(teacher.model)
     out = {"model_dir": str(ctx.dirs["teacher"]), "params": params, "load_s": round(load_s, 1),
            "peak_gb": peak_gb(ctx.device), "seq_len": seq_len(batch), "device": teacher.device,
-           "impl": "workers.teacher.Teacher.infer", **rates(times, a.batch)}
+           "impl": "workers.teachers.pool.Teacher.infer", **rates(times, a.batch)}
     out.update(mfu(flops_per_sample(dims(teacher.model), params, out["seq_len"], ctx.patches, "forward"),
                    out["samples_per_s"], ctx.peak))
     del teacher
@@ -344,16 +344,16 @@ def part_teacher(ctx: Ctx) -> dict:
 
 
 def processor_of(model_dir: Path):
-    from workers.families import load_processor
+    from workers.models.families import load_processor
 
     return load_processor(model_dir)
 
 
 def _student_setup(ctx: Ctx, lora: bool):
-    from orchestrator.config import LoraSettings
-    from workers.lora import add_lora
-    from workers.models import load_model_dir
-    from workers.optim import adamw
+    from orchestrator.config.schema import LoraSettings
+    from workers.models.lora import add_lora
+    from workers.models.model_dirs import load_model_dir
+    from workers.training.optim import adamw
 
     a = ctx.args
     t = time.perf_counter()
@@ -368,11 +368,11 @@ def _student_setup(ctx: Ctx, lora: bool):
 
 def _student_run(ctx: Ctx, lora: bool) -> dict:
     """One stage step as the train loop takes it: `StageObjective` (PPOD) on precomputed teacher outputs."""
-    from workers.inference import position_logits, to_device
-    from workers.models import label_word_ids
-    from workers.objectives import StageObjective
-    from workers.optim import update
-    from workers.teacher import from_wire, wire_outputs
+    from workers.inference.logits import position_logits, to_device
+    from workers.models.model_dirs import label_word_ids
+    from workers.training.objectives import StageObjective
+    from workers.training.optim import update
+    from workers.teachers.pool import from_wire, wire_outputs
 
     a = ctx.args
     model, processor, opt, load_s = _student_setup(ctx, lora)
@@ -413,10 +413,10 @@ def _student_run(ctx: Ctx, lora: bool) -> dict:
     out = {"model_dir": str(ctx.dirs["student"]), "params": params, "load_s": round(load_s, 1),
            "peak_gb": peak_gb(ctx.device), "grad_ckpt": grad_ckpt, "grad_ckpt_auto_after_oom": auto_ckpt,
            "param_dtype": str(ctx.dtype), "seq_len": seq_len(batch),
-           "impl": f"workers.objectives.StageObjective(ppod, kd_loss={a.kd_loss}) + workers.optim.update",
+           "impl": f"workers.training.objectives.StageObjective(ppod, kd_loss={a.kd_loss}) + workers.training.optim.update",
            "loss_first_last": [round(float(losses[0]), 4), round(float(losses[-1]), 4)], **rates(times, a.batch)}
     if lora:
-        out["lora"] = {"r": a.lora_r, "alpha": 2 * a.lora_r, "impl": "workers.lora.add_lora"}
+        out["lora"] = {"r": a.lora_r, "alpha": 2 * a.lora_r, "impl": "workers.models.lora.add_lora"}
     out.update(mfu(flops_per_sample(dims(model), params, out["seq_len"], ctx.patches, "lora" if lora else "full"),
                    out["samples_per_s"], ctx.peak))
     del model, opt, batch, losses, teacher_out
@@ -462,7 +462,7 @@ def ensure_pool(ctx: Ctx):
     if ctx.pool is not None:
         return ctx.pool
     ray = ensure_ray(ctx)
-    from workers.teacher import TeacherPool
+    from workers.teachers.pool import TeacherPool
 
     a = ctx.args
     t = time.perf_counter()
@@ -479,7 +479,7 @@ def part_actor(ctx: Ctx) -> dict:
     """`TeacherPool.submit` of the wire inputs: one at a time (latency), then all queued (throughput)."""
     import ray
 
-    from workers.teacher import to_numpy_inputs
+    from workers.teachers.pool import to_numpy_inputs
 
     a = ctx.args
     pool = ensure_pool(ctx)
@@ -499,7 +499,7 @@ def part_actor(ctx: Ctx) -> dict:
     outs = ray.get([pool.submit(wires[i % len(wires)], a.k, a.temperature) for i in range(a.steps)], timeout=timeout)
     elapsed = time.perf_counter() - t
     nbytes_out = sum(v.nbytes for v in outs[0].values())
-    return {"actor": ctx.pool_info, "impl": "workers.teacher.TeacherPool", "num_gpus": 0.5 if ctx.cuda else 0,
+    return {"actor": ctx.pool_info, "impl": "workers.teachers.pool.TeacherPool", "num_gpus": 0.5 if ctx.cuda else 0,
             "num_cpus": a.actor_cpus, "latency_s": [round(x, 4) for x in lat],
             "step_s_mean": round(elapsed / a.steps, 4), "samples_per_s": round(a.steps * a.batch / elapsed, 3),
             "request_bytes": int(nbytes_in), "reply_bytes": int(nbytes_out),
@@ -511,8 +511,8 @@ def part_e2e(ctx: Ctx) -> dict:
     """A PPOD stage through `fit_stage`: Ray Data shards, the Ray Train loop, prefetched teacher requests."""
     import ray
 
-    from orchestrator.config import Resources, RunConfig, TrainConfig
-    from orchestrator.stages import StagePlan, encode_split, fit_stage, stage_job, train_datasets
+    from orchestrator.config.schema import Resources, RunConfig, TrainConfig
+    from orchestrator.run.stages import StagePlan, encode_split, fit_stage, stage_job, train_datasets
 
     a = ctx.args
     ensure_pool(ctx)
@@ -533,7 +533,7 @@ def part_e2e(ctx: Ctx) -> dict:
     t = time.perf_counter()
     result = fit_stage("bench-e2e", job, sets, val_ds, res, ctx.work / "ray")
     fit_s = time.perf_counter() - t
-    return {"impl": "orchestrator.stages.fit_stage → workers.train_loop", "prefetch": a.prefetch,
+    return {"impl": "orchestrator.run.stages.fit_stage → workers.training.loop", "prefetch": a.prefetch,
             "steps": result.get("steps"), "samples_per_s": round(result["train_samples_per_s"], 3),
             "teacher_calls": result.get("teacher/calls"), "fit_s": round(fit_s, 1),
             "worker_resources": {"CPU": a.worker_cpus, "GPU": 0.5 if ctx.cuda else 0},

@@ -1,8 +1,8 @@
 """Does each level learn the procedural benchmark? Direct tuning curves, in process, by `hkd run`'s own code.
 
-Each level's direct stage is the one `hkd run` trains (`orchestrator.stages.stage_job` of the config's plan: its
-objective, `workers.objectives.StageObjective`, its training settings and seeds, the data in the pipeline's order:
-records interleaved by task, shuffled per epoch by the loop), run with `workers.train_loop.run_in_process`: the
+Each level's direct stage is the one `hkd run` trains (`orchestrator.run.stages.stage_job` of the config's plan: its
+objective, `workers.training.objectives.StageObjective`, its training settings and seeds, the data in the pipeline's order:
+records interleaved by task, shuffled per epoch by the loop), run with `workers.training.loop.run_in_process`: the
 Ray Train loop itself, without Ray; so a curve here is the curve `hkd run` logs. Used to choose shapes, schedules
 and the generator's difficulty. Levels come from `--base-dir` (the shipped bases, pretrained by `hkd pretrain`)
 or, without it, are tiny random-init levels built as `hkd run` builds them (`--shape`); or all from `--config`,
@@ -30,17 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.config import RunConfig, read_raw, validate_raw
-from orchestrator.machine import describe, probe
-from orchestrator.pairs import RunInputs
-from orchestrator.pipeline import init_levels, load_splits, model_dir
-from orchestrator.stages import plan_stages, stage_job, stage_loss
-from orchestrator.unlabeled import by_task, spread
-from workers.inference import predict, to_device
-from workers.models import count_parameters, label_word_ids, load_model_dir
-from workers.prompts import collate_records, encode_with, prefixed, record_units
-from workers.train_context import ColumnDataset
-from workers.train_loop import evaluate_rank0, run_in_process
+from orchestrator.config.schema import RunConfig, read_raw, validate_raw
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.run.pairs import RunInputs
+from orchestrator.run.pipeline import init_levels, load_splits, model_dir
+from orchestrator.run.stages import plan_stages, stage_job, stage_loss
+from orchestrator.run.unlabeled import by_task, spread
+from workers.inference.logits import predict, to_device
+from workers.models.model_dirs import count_parameters, label_word_ids, load_model_dir
+from workers.models.prompts import collate_records, encode_with, prefixed, record_units
+from workers.training.context import ColumnDataset
+from workers.training.loop import evaluate_rank0, run_in_process
 
 DIMS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_hidden", "vision_depth", "vision_heads")
 SHAPES = {

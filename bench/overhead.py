@@ -19,16 +19,16 @@ import ray
 import ray.data
 import torch
 
-from orchestrator.config import Resources, RunConfig, TrainConfig
-from orchestrator.machine import describe, probe
-from orchestrator.stages import StagePlan, default_stage_loss, fit_stage, stage_job, train_datasets
+from orchestrator.config.schema import Resources, RunConfig, TrainConfig
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.run.stages import StagePlan, default_stage_loss, fit_stage, stage_job, train_datasets
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
-from workers.models import label_word_ids, load_model_dir
-from workers.prompts import collate_records, encode_records
-from workers.teacher import TeacherPool
-from workers.inference import position_logits
-from workers.objectives import StageObjective
+from workers.models.model_dirs import label_word_ids, load_model_dir
+from workers.models.prompts import collate_records, encode_records
+from workers.teachers.pool import TeacherPool
+from workers.inference.logits import position_logits
+from workers.training.objectives import StageObjective
 
 K, T = 16, 4.0
 

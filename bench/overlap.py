@@ -20,14 +20,14 @@ import ray
 import torch
 
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
-from workers.models import label_word_ids, load_model_dir
-from workers.prompts import collate_records, encode_records
-from workers.teacher import TeacherPool, from_wire, to_numpy_inputs
-from orchestrator.machine import describe, probe
-from orchestrator.stages import default_stage_loss
-from workers.inference import position_logits
-from workers.objectives import StageObjective
-from workers.teacher_requests import TeacherRequests
+from workers.models.model_dirs import label_word_ids, load_model_dir
+from workers.models.prompts import collate_records, encode_records
+from workers.teachers.pool import TeacherPool, from_wire, to_numpy_inputs
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.run.stages import default_stage_loss
+from workers.inference.logits import position_logits
+from workers.training.objectives import StageObjective
+from workers.teachers.requests import TeacherRequests
 
 
 

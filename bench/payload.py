@@ -26,15 +26,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from orchestrator.machine import describe, probe  # noqa: E402
-from workers import synth  # noqa: E402
+from orchestrator.cluster.machine import describe, probe  # noqa: E402
+from workers.data import synth  # noqa: E402
 from workers.losses import forward_kl, topk_forward_kl  # noqa: E402
-from workers.families import load_processor  # noqa: E402
-from workers.models import (LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
+from workers.models.families import load_processor  # noqa: E402
+from workers.models.model_dirs import (LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
                             load_model_dir)
-from workers.prompts import collate_records, encode_records, record_units  # noqa: E402
-from workers.teacher import from_wire, wire_outputs  # noqa: E402
-from workers.inference import position_logits  # noqa: E402
+from workers.models.prompts import collate_records, encode_records, record_units  # noqa: E402
+from workers.teachers.pool import from_wire, wire_outputs  # noqa: E402
+from workers.inference.logits import position_logits  # noqa: E402
 
 KS = (4, 16, 64)
 TEMPERATURES = (1.0, 4.0)

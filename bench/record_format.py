@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.tiny_pair import TEACHER  # noqa: E402
-from orchestrator.machine import describe, probe  # noqa: E402
-from workers import synth  # noqa: E402
-from workers.data import load_jsonl  # noqa: E402
-from workers.inference import position_logits, to_device  # noqa: E402
-from workers.models import build_level, build_tokenizer, load_model_dir  # noqa: E402
-from workers.prompts import collate_records, encode_records, record_units  # noqa: E402
+from orchestrator.cluster.machine import describe, probe  # noqa: E402
+from workers.data import synth  # noqa: E402
+from workers.data.records import load_jsonl  # noqa: E402
+from workers.inference.logits import position_logits, to_device  # noqa: E402
+from workers.models.model_dirs import build_level, build_tokenizer, load_model_dir  # noqa: E402
+from workers.models.prompts import collate_records, encode_records, record_units  # noqa: E402
 
 IMAGE_SIZE = 112
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import mlflow
 import ray
 
-from orchestrator import faults
-from orchestrator.config import load_config
-from orchestrator.machine import describe, probe
-from orchestrator.pipeline import _pool_name, run
-from orchestrator.stages import StagePlan, plan_stages
+from orchestrator.cluster import faults
+from orchestrator.config.schema import load_config
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.run.pipeline import _pool_name, run
+from orchestrator.run.stages import StagePlan, plan_stages
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 CONFIG = """

@@ -1,6 +1,6 @@
 """How long after a stage's training function returns does `fit` return? Ray Train's controller sees the end
 at its next poll of the workers, every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: Ray's default 2 s against hkd's
-(`orchestrator.trainer.POLL_INTERVAL_S`), alternated in one run on one local Ray, with a train function that
+(`orchestrator.cluster.trainer.POLL_INTERVAL_S`), alternated in one run on one local Ray, with a train function that
 only sleeps (nothing else differs).
 
     python bench/stage_tail.py [--fits 6]
@@ -20,9 +20,9 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.backend import BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from orchestrator.machine import describe, probe
-from orchestrator.placement import LOCAL_ONLY_ENV
-from orchestrator.trainer import POLL_INTERVAL_ENV, POLL_INTERVAL_S
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.cluster.placement import LOCAL_ONLY_ENV
+from orchestrator.cluster.trainer import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 
 
 def loop(config: dict) -> None:

@@ -118,10 +118,10 @@ def _has_torch(pid: int) -> bool:
 
 def build(work: Path, n: int) -> tuple[Path, Path]:
     """A tiny benchmark (n train records per task) and the tiniest level."""
-    from workers import synth
-    from workers.models import LevelShape, build_level, build_tokenizer
-    from workers.data import load_jsonl
-    from workers.prompts import record_units
+    from workers.data import synth
+    from workers.models.model_dirs import LevelShape, build_level, build_tokenizer
+    from workers.data.records import load_jsonl
+    from workers.models.prompts import record_units
 
     synth.generate(work / "data", seed=0, n_train=n, n_val=2, n_test=2)
     records = [r for t in synth.TASKS for r in load_jsonl(work / "data" / t / "train.jsonl")]
@@ -131,8 +131,8 @@ def build(work: Path, n: int) -> tuple[Path, Path]:
 
 
 def splits(data: Path) -> dict[str, list[dict]]:
-    from workers import synth
-    from workers.data import load_jsonl
+    from workers.data import synth
+    from workers.data.records import load_jsonl
 
     return {s: [r for t in synth.TASKS for r in load_jsonl(data / t / f"{s}.jsonl")] for s in ("train", "val")}
 
@@ -141,10 +141,10 @@ def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = 
     """One (or `stages`) minimal stage(s) the way `hkd run` runs them, a fit each; times since interpreter start.
     `one_fit`: then the same stages in one fit (what one worker group for consecutive stages would cost)."""
     t_import = time.time()
-    from orchestrator.config import Resources, RunConfig, TrainConfig
-    from orchestrator.placement import init_ray
-    from orchestrator.stages import StagePlan, default_stage_loss, encode_split, fit_stage, stage_job, train_datasets
-    from workers.families import load_processor
+    from orchestrator.config.schema import Resources, RunConfig, TrainConfig
+    from orchestrator.cluster.placement import init_ray
+    from orchestrator.run.stages import StagePlan, default_stage_loss, encode_split, fit_stage, stage_job, train_datasets
+    from workers.models.families import load_processor
 
     out = {"driver imports": time.time() - t_import}
     sampler = Sampler(time.time())
@@ -154,7 +154,7 @@ def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = 
     init_ray(res)
     out["ray.init"] = time.time() - t
     try:  # what `hkd run` does next (a revision before it had no warm workers)
-        from orchestrator.warm_workers import prestart_train_workers
+        from orchestrator.cluster.warm_workers import prestart_train_workers
     except ImportError:
         pass
     else:
@@ -176,7 +176,7 @@ def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = 
         fit_stage(f"s{i}", job, sets, enc["val"], res, work / "ray")
         fits.append({"start": t, "end": time.time(), "first_step": progress.stat().st_mtime})
     if one_fit:  # the same stages again, back to back in one fit: one worker group for all of them
-        from orchestrator.stages import _fit
+        from orchestrator.run.stages import _fit
 
         jobs = [dataclasses.replace(job, out_dir=str(work / f"one{i}"), progress=None) for i in range(stages)]
         t = time.time()
@@ -194,7 +194,7 @@ def stages_in_one_fit(config: dict) -> None:
     """Ray Train's worker loop for `--one-fit`: each stage's loop in turn, in the same worker process. Within one
     fit `ray.train.get_checkpoint()` is the latest one reported, so each later stage loads the one before's
     checkpoint and skips its single step: a one-fit stage is cheaper than a real one by that step (0.1 s here)."""
-    from workers.entry_points import train_loop_per_worker
+    from workers.training.entry_points import train_loop_per_worker
 
     for job in config["jobs"]:
         train_loop_per_worker({"job": job, "iterators": config["iterators"]})
@@ -206,12 +206,12 @@ def in_process_child(data: Path, model: Path) -> dict:
     t = time.time()
     import torch
 
-    from orchestrator.stages import default_stage_loss
-    from workers.inference import position_logits, predict, task_metrics
-    from workers.models import label_word_ids, load_model_dir, save_model_dir
-    from workers.objectives import StageObjective
-    from workers.optim import adamw, update
-    from workers.prompts import collate_records, encode_records, record_units
+    from orchestrator.run.stages import default_stage_loss
+    from workers.inference.logits import position_logits, predict, task_metrics
+    from workers.models.model_dirs import label_word_ids, load_model_dir, save_model_dir
+    from workers.training.objectives import StageObjective
+    from workers.training.optim import adamw, update
+    from workers.models.prompts import collate_records, encode_records, record_units
 
     out["imports"] = time.time() - t
     t = time.time()
@@ -324,7 +324,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data, model = build(work, args.records)
-        from orchestrator.machine import describe, probe  # here: the children time their own imports
+        from orchestrator.cluster.machine import describe, probe  # here: the children time their own imports
 
         print(f"{describe(probe())}; load average before: {load_avg()}", flush=True)
         inproc = run_child("inproc", work, data, model, args.stages, here)

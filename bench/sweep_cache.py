@@ -19,12 +19,12 @@ from pathlib import Path
 import ray
 import yaml
 
-from orchestrator.config import load_config, read_raw
-from orchestrator.machine import describe, probe
-from orchestrator.pipeline import init_levels, model_dir
-from orchestrator.stages import plan_stages
-from orchestrator.sweep import run_sweep
-from orchestrator.sweep_config import load_sweep, stage_plan
+from orchestrator.config.schema import load_config, read_raw
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.run.pipeline import init_levels, model_dir
+from orchestrator.run.stages import plan_stages
+from orchestrator.sweep.tune import run_sweep
+from orchestrator.sweep.config import load_sweep, stage_plan
 
 CE_WEIGHTS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 

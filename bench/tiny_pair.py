@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workers import synth
-from workers.data import load_jsonl
-from workers.models import LevelShape, build_level
-from workers.prompts import record_units
-from workers.vocab import fixed_tokenizer
+from workers.data import synth
+from workers.data.records import load_jsonl
+from workers.models.model_dirs import LevelShape, build_level
+from workers.models.prompts import record_units
+from workers.models.vocab import fixed_tokenizer
 
 TEACHER = LevelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vision_hidden=192, vision_depth=2,
                      vision_heads=3)

@@ -1,7 +1,7 @@
 """`hkd pretrain CONFIG.yaml`: build the pretrained tiny bases that the embedded pyramid starts from.
 
-One fixed tokenizer (`workers.vocab`) is shared by every level; each level is built random-init, pretrained on
-the same dialogue stream for the same steps (`workers.pretrain`), saved in fp16 as an ordinary Hugging Face model
+One fixed tokenizer (`workers.models.vocab`) is shared by every level; each level is built random-init, pretrained on
+the same dialogue stream for the same steps (`workers.training.pretrain`), saved in fp16 as an ordinary Hugging Face model
 dir, and given a model card (`README.md`: command, config, seed stream, steps, final losses, wall time, machine,
 git revision) with its loss curve (`loss_curve.png`, `curve.json`).
 """
@@ -19,15 +19,15 @@ from typing import Any
 import yaml
 from pydantic import Field, create_model
 
-from orchestrator.config import ConfigError, Strict, as_tuples, fields_of, read_raw, validate_raw
-from workers.shapes import LevelShape
-from workers.synth import SynthSpec
+from orchestrator.config.schema import ConfigError, Strict, as_tuples, fields_of, read_raw, validate_raw
+from workers.models.shapes import LevelShape
+from workers.data.synth import SynthSpec
 
 BaseShape = create_model("BaseShape", __base__=Strict, **fields_of(LevelShape))
 
 
 class PretrainTrain(Strict):
-    """The schedule every level gets (`workers.pretrain.PretrainSettings`)."""
+    """The schedule every level gets (`workers.training.pretrain.PretrainSettings`)."""
 
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -71,9 +71,9 @@ def build_bases(cfg: BasesConfig, config_path: Path, device: str = "cpu", thread
     """Build (or rebuild) every level's base, or only `levels`; returns each one's card facts."""
     import torch
 
-    from workers.families import FAMILIES
-    from workers.models import CHAT_TEMPLATE
-    from workers.vocab import fixed_tokenizer
+    from workers.models.families import FAMILIES
+    from workers.models.model_dirs import CHAT_TEMPLATE
+    from workers.models.vocab import fixed_tokenizer
 
     torch.set_num_threads(threads)
     unknown = sorted(set(levels or []) - set(cfg.levels))
@@ -95,11 +95,11 @@ def _build_one(cfg: BasesConfig, config_path: Path, level: str, shape: LevelShap
     """Pretrain one level and write its model dir with its card."""
     import torch
 
-    from orchestrator.machine import probe
-    from workers.families import FAMILIES
-    from workers.identity import weights_hash
-    from workers.models import count_parameters, save_model_dir
-    from workers.pretrain import PretrainSettings, pretrain_base
+    from orchestrator.cluster.machine import probe
+    from workers.models.families import FAMILIES
+    from workers.models.identity import weights_hash
+    from workers.models.model_dirs import count_parameters, save_model_dir
+    from workers.training.pretrain import PretrainSettings, pretrain_base
 
     family = FAMILIES[shape.family]
     torch.manual_seed(cfg.seed)
@@ -149,7 +149,7 @@ def _git_revision() -> str:
 
 def write_card(model_dir: Path, card: dict, curve: list[dict]) -> None:
     """The model card: README.md (facts in words and a table), card.json, curve.json and loss_curve.png."""
-    from orchestrator.machine import describe
+    from orchestrator.cluster.machine import describe
 
     (model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (model_dir / "curve.json").write_text(json.dumps([{k: round(v, 4) for k, v in p.items()} for p in curve]) + "\n")

@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import console
-from orchestrator.config import ConfigError, load_config
-from orchestrator.errors import StageError
-from workers.data import DataError
+from orchestrator.report import console
+from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.run.errors import StageError
+from workers.data.records import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +168,11 @@ def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     with console.captured(run_dir / "logs", args.verbose):
-        from orchestrator.pipeline import run
-        from orchestrator.report import markdown_table
+        from orchestrator.run.pipeline import run
+        from orchestrator.report.run_report import markdown_table
 
         if args.ablation:
-            from orchestrator.ablation import run_ablation
+            from orchestrator.run.ablation import run_ablation
 
             report = run_ablation(args.config, args.overrides, run_dir, log=console.say)
             console.say("\nAblation:\n" + markdown_table({"rows": report["ablation"]}).rstrip())
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from orchestrator.report import render_markdown
+    from orchestrator.report.run_report import render_markdown
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "report.json").is_file():
@@ -213,11 +213,11 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from orchestrator.sweep_config import load_sweep
+    from orchestrator.sweep.config import load_sweep
 
     sweep = load_sweep(args.config)
     with console.captured(Path(sweep.spec.from_run) / "sweeps" / sweep.spec.name / "logs", args.verbose):
-        from orchestrator.sweep import run_sweep
+        from orchestrator.sweep.tune import run_sweep
 
         summary = run_sweep(sweep, log=console.say)
         for trial in summary["trials"]:
@@ -230,7 +230,7 @@ def _synth(args: argparse.Namespace) -> None:
     of the same distribution."""
     from dataclasses import replace
 
-    from workers.synth import SynthSpec, generate
+    from workers.data.synth import SynthSpec, generate
 
     seed, counts, spec = 0, {"train": 2000, "val": 300, "test": 500}, SynthSpec()
     if args.config:
@@ -246,7 +246,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from workers.data import validate_files
+    from workers.data.records import validate_files
 
     data = load_config(args.config).data if args.config else None
     result = validate_files(args.files, data.field_map if data else None, data.default_task if data else None,
@@ -266,7 +266,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _length_check(model_dir: str):
     """The prompt-length check of `validate --model-dir`: refuses each record longer than the context."""
-    from workers.lengths import ContextCheck
+    from workers.models.lengths import ContextCheck
 
     _check_model_dir(model_dir)
     context = ContextCheck(model_dir)
@@ -287,22 +287,22 @@ def _validate_command(args: argparse.Namespace, err: DataError) -> str:
 
 def _scoring_inputs(model_dir: str, paths: list[str], require_labels: bool):
     """The data files of `evaluate`, `calibrate` or `predict`, each refused at its first bad line, and the model
-    dir's prompt-length check (`workers.lengths.ContextCheck`). The files are read before the model dir's code is
+    dir's prompt-length check (`workers.models.lengths.ContextCheck`). The files are read before the model dir's code is
     imported, so a record past the size cap is refused in a moment."""
-    from workers.data import load_scan
+    from workers.data.records import load_scan
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model dir")
     scans = [load_scan(path, require_labels=require_labels) for path in paths]
     _check_model_dir(model_dir)
-    from workers.lengths import ContextCheck
+    from workers.models.lengths import ContextCheck
 
     return scans, ContextCheck(model_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
-    from workers.evaluate import score_records  # the model code, once the data is known good
+    from workers.inference.evaluate import score_records  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         for scan in scans:
             context.refuse(scan)
@@ -319,7 +319,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _calibrate(args: argparse.Namespace) -> None:
     scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
-    from workers.evaluate import calibrate_model  # the model code, once the data is known good
+    from workers.inference.evaluate import calibrate_model  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         for scan in scans:
             context.refuse(scan)
@@ -335,7 +335,7 @@ def _predict(args: argparse.Namespace) -> None:
     """One output line per input record, in order; with --skip-too-long a record longer than the context gets a
     `{"id", "skipped": why}` line instead of refusing the file, so a batch job goes on."""
     (scan,), context = _scoring_inputs(args.model_dir, [args.file], require_labels=False)
-    from workers.evaluate import prediction_rows, score_records  # the model code, once the data is known good
+    from workers.inference.evaluate import prediction_rows, score_records  # the model code, once the data is known good
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         if not args.skip_too_long:
             context.refuse(scan)
@@ -353,7 +353,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    from workers.models import check_model_dir
+    from workers.models.model_dirs import check_model_dir
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model dir")

@@ -1,5 +1,5 @@
 """`hkd plan`: check a run's teacher→student pairs (KD over top-k + tail where they share a tokenizer, over the
-label words where they do not: `orchestrator.pairs`), placement and per-GPU memory before any weights exist.
+label words where they do not: `orchestrator.run.pairs`), placement and per-GPU memory before any weights exist.
 
 Each level is built on the meta device (shapes, no memory) from its config: a local model dir's config.json,
 a mirror named after the hub checkpoint in `--model-configs` (configs/qwen2_5_vl/ has 3B/7B/32B/72B), else the
@@ -18,13 +18,13 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedTokenizerFast
 
-from orchestrator.config import ConfigError, RunConfig, TrainConfig
-from orchestrator.pairs import check_pairs
-from orchestrator.stages import StagePlan, plan_stages
-from workers.lora import add_lora
-from workers.vocab import fixed_tokenizer
-from workers.families import FAMILIES, load_processor
-from workers.models import CHAT_TEMPLATE, LevelShape, label_word_ids
+from orchestrator.config.schema import ConfigError, RunConfig, TrainConfig
+from orchestrator.run.pairs import check_pairs
+from orchestrator.run.stages import StagePlan, plan_stages
+from workers.models.lora import add_lora
+from workers.models.vocab import fixed_tokenizer
+from workers.models.families import FAMILIES, load_processor
+from workers.models.model_dirs import CHAT_TEMPLATE, LevelShape, label_word_ids
 
 ACTIVATION_SHARE = 0.15
 GB = 1e9
@@ -120,7 +120,7 @@ def _embedding_problems(levels: dict[str, Level]) -> list[str]:
 
 
 def _kd_column(cfg: RunConfig, stage: StagePlan, kinds: dict[str, str]) -> str:
-    """What the stage's KD runs over, per teacher (`orchestrator.pairs.kd_over`)."""
+    """What the stage's KD runs over, per teacher (`orchestrator.run.pairs.kd_over`)."""
     names = {"top_k": f"top-{cfg.teachers.k} + tail", "label_words": "label words"}
     return ", ".join(f"{names[kinds[t['stage'] + '→' + stage.name]]} ({t['level']})" for t in stage.teachers) or "-"
 
@@ -146,7 +146,7 @@ def _train_row(cfg: RunConfig, stage: StagePlan, level: Level, adapters: dict) -
 
 def _teacher_row(cfg: RunConfig, name: str, level: Level) -> dict:
     share = cfg.teacher_gpus(name)
-    dtype = "bfloat16" if share else "float32"  # what `workers.teacher.Teacher` loads on GPU / CPU
+    dtype = "bfloat16" if share else "float32"  # what `workers.teachers.pool.Teacher` loads on GPU / CPU
     return _row(cfg, f"teacher {name} ×{cfg.teachers.replicas}", level, 0, dtype, share, level.params * BYTES[dtype])
 
 

@@ -17,10 +17,10 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from workers import synth  # noqa: E402
-from workers.data import load_jsonl  # noqa: E402
-from workers.models import LevelShape, build_level, build_tokenizer  # noqa: E402
-from workers.prompts import record_units  # noqa: E402
+from workers.data import synth  # noqa: E402
+from workers.data.records import load_jsonl  # noqa: E402
+from workers.models.model_dirs import LevelShape, build_level, build_tokenizer  # noqa: E402
+from workers.models.prompts import record_units  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = LevelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
@@ -61,8 +61,8 @@ def _own_tracking_store(monkeypatch):
 
 
 def stage_loss_config(teachers: list[dict] = (), **over):
-    """`orchestrator.stages.default_stage_loss` (the run config's defaults), for tests that drive the workers."""
-    from orchestrator.stages import default_stage_loss
+    """`orchestrator.run.stages.default_stage_loss` (the run config's defaults), for tests that drive the workers."""
+    from orchestrator.run.stages import default_stage_loss
 
     return default_stage_loss(teachers, **over)
 

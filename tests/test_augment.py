@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers import synth
-from workers.augment import AugmentConfig, augment_fingerprint, augment_record, vocabulary
-from workers.data import load_jsonl
+from workers.data import synth
+from workers.data.augment import AugmentConfig, augment_fingerprint, augment_record, vocabulary
+from workers.data.records import load_jsonl
 
 EPOCHS = range(4)
 NONE = AugmentConfig(crop=False, flip=False, jitter=False, shuffle_options=False, paraphrase=False)
@@ -154,7 +154,7 @@ def test_option_shuffle_permutes_labels_facts_and_sentences_together(recs: list[
 def test_shuffled_options_keep_their_labels_in_the_record_prompt(recs: list[dict]) -> None:
     """One forward per record: the k-th option span of the prompt is supervised with the k-th target, and that
     target is the label the original record gave that option, whatever order augmentation chose."""
-    from workers.prompts import OPTION_CLOSE, OPTION_OPEN, record_units
+    from workers.models.prompts import OPTION_CLOSE, OPTION_OPEN, record_units
 
     moved = 0
     for rec in (r for r in recs if r["task"] == "hallucination"):

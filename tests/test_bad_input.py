@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.cli import main
-from workers.data import DataError, load_jsonl, to_rgb
+from workers.data.records import DataError, load_jsonl, to_rgb
 
 
 def _fact(i: int = 1, **kw) -> dict:
@@ -136,7 +136,7 @@ def test_config_not_utf8_refused_naming_the_file(tmp_path, capsys):
     assert main(["run", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
     assert f"{cfg}:2: not UTF-8 (byte 0xe9 at column 6)" in capsys.readouterr().err
     cfg.write_bytes(b"\xef\xbb\xbfname: x\nseed: 1\nlevels: {L: {}, M: {}, S: {}}\n")  # a BOM is fine
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     assert load_config(cfg).seed == 1
     cfg.write_bytes("name: x\n".encode("utf-16"))
@@ -257,8 +257,8 @@ def test_training_inputs_see_the_converted_image(d, tiny_model_dir):
     """encode_records reads images through the same conversion: a transparent image is white, 16-bit is scaled."""
     import numpy as np
 
-    from workers.families import load_processor
-    from workers.prompts import encode_records, record_units
+    from workers.models.families import load_processor
+    from workers.models.prompts import encode_records, record_units
 
     Image.new("RGBA", (112, 112), (255, 0, 0, 0)).save(d / "clear.png")
     Image.new("RGB", (112, 112), (255, 255, 255)).save(d / "white.png")

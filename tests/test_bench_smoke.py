@@ -106,8 +106,8 @@ def shared_ray():
     own (the seconds of starting both, several times over, are most of what these tiny runs cost)."""
     import ray
 
-    from orchestrator.config import Resources
-    from orchestrator.placement import init_ray
+    from orchestrator.config.schema import Resources
+    from orchestrator.cluster.placement import init_ray
 
     saved = dict(os.environ)
     init_ray(Resources(num_workers=1, cpus_per_worker=1, dashboard=False), teacher_cpus=2)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main
-from workers.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
-from workers.metrics import binary_metrics, ece
+from workers.inference.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
+from workers.inference.metrics import binary_metrics, ece
 
 
 def test_offset_found_where_the_classes_cross():

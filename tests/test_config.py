@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
-from orchestrator.tracking import flatten
+from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.report.tracking import flatten
 
 
 def _write(tmp_path, text: str):
@@ -69,7 +69,7 @@ def test_secrets_masked_in_params():
 def test_eval_every_is_validated_and_left_out_of_fingerprints(tmp_path):
     """`eval_every` is a train key like the others (every section, overrides, --set); it only adds validation
     scores, so changing it leaves a finished stage reusable."""
-    from orchestrator.stages import fingerprints, plan_stages, train_settings
+    from orchestrator.run.stages import fingerprints, plan_stages, train_settings
 
     path = _write(tmp_path, "levels: {S: {}, L: {}}\ndirect: {levels: [L, S], overrides: {S: {eval_every: 7}}}\n")
     cfg = load_config(path, ["direct.train.eval_every=5"])

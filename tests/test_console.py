@@ -117,7 +117,7 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
     loss, validation F1, steps/s and ETA from the file rank 0 writes."""
     import json
 
-    from orchestrator.progress import step_bar
+    from orchestrator.report.progress import step_bar
 
     progress = tmp_path / "s.progress"
     with step_bar("S-direct", progress, poll_s=0.02, line_every_s=0.2):

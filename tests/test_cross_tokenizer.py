@@ -1,4 +1,4 @@
-"""Distillation across tokenizers (`orchestrator.pairs`): a teacher whose tokenizer differs from its student's
+"""Distillation across tokenizers (`orchestrator.run.pairs`): a teacher whose tokenizer differs from its student's
 distils over the answer distribution on the two label words, each side scoring them with its own ids; its
 inputs are its own encoding of the same records; the wire and the cache carry its label-word logits alone.
 Through Ray Train: a tiny Qwen3-VL teacher distils into a tiny SmolVLM student, in one pyramid of all five
@@ -18,20 +18,20 @@ import torch
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, RunConfig
-from orchestrator.pairs import RunInputs, check_pairs, level_inputs
-from orchestrator.stages import default_stage_loss, plan_stages
+from orchestrator.config.schema import ConfigError, RunConfig
+from orchestrator.run.pairs import RunInputs, check_pairs, level_inputs
+from orchestrator.run.stages import default_stage_loss, plan_stages
 from tests.test_families import SHAPE, tiny
-from workers.families import family_of
-from workers import synth
-from workers.data import load_jsonl
+from workers.models.families import family_of
+from workers.data import synth
+from workers.data.records import load_jsonl
 from workers.losses import forward_kl, jsd, reverse_kl
-from workers.models import LevelShape, build_level
-from workers.objectives import kd_divergence
-from workers.prompts import collate_records, encode_with, prefixed, record_units
-from workers.teacher import wire_outputs
-from workers.teacher_cache import TeacherCache, merge
-from workers.teacher_requests import teacher_batch
+from workers.models.model_dirs import LevelShape, build_level
+from workers.training.objectives import kd_divergence
+from workers.models.prompts import collate_records, encode_with, prefixed, record_units
+from workers.teachers.pool import wire_outputs
+from workers.teachers.cache import TeacherCache, merge
+from workers.teachers.requests import teacher_batch
 
 
 def test_label_word_kd_is_the_divergence_of_the_two_answer_distributions():

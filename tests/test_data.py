@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from workers.data import DataError, TASKS, load_jsonl, summarize, validate_files
+from workers.data.records import DataError, TASKS, load_jsonl, summarize, validate_files
 
 
 def _png(path: Path) -> Path:
@@ -233,7 +233,7 @@ def test_summary(data_dir):
 
 
 def test_shared_image_decoded_once(data_dir):
-    from workers.data import _image_problem
+    from workers.data.records import _image_problem
 
     _image_problem.cache_clear()
     load_jsonl(_write(data_dir, [_hall(i) for i in range(5)]))
@@ -244,7 +244,7 @@ def test_challenge_style_files_read_through_the_field_map(tmp_path):
     """configs/challenge.yaml reads examples/challenge/*.json (arrays, options as objects, nested context)."""
     import shutil
 
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "challenge.yaml")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import METHOD_CONFIG
-from orchestrator.config import load_config
-from orchestrator.pipeline import _pool_name
-from orchestrator.stages import plan_stages
+from orchestrator.config.schema import load_config
+from orchestrator.run.pipeline import _pool_name
+from orchestrator.run.stages import plan_stages
 
 
 @pytest.fixture()

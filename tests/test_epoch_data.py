@@ -11,17 +11,17 @@ import pytest
 import ray
 import torch
 
-from orchestrator.config import AugmentSection, ConfigError, load_config
-from workers.augment import AugmentConfig
-from workers.epoch_data import encode_augmented, epoch_datasets
+from orchestrator.config.schema import AugmentSection, ConfigError, load_config
+from workers.data.augment import AugmentConfig
+from workers.training.epoch_data import encode_augmented, epoch_datasets
 from workers.losses import teacher_topk
-from workers.families import load_processor
-from workers.models import load_model_dir
-from workers.prompts import collate_records, encode_records, record_units
-from workers.teacher import TeacherPool
+from workers.models.families import load_processor
+from workers.models.model_dirs import load_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units
+from workers.teachers.pool import TeacherPool
 from tests.conftest import stage_loss_config
-from workers.inference import position_logits
-from workers.teacher_requests import TeacherRequests
+from workers.inference.logits import position_logits
+from workers.teachers.requests import TeacherRequests
 
 CFG = AugmentConfig(flip_p=0.5)
 
@@ -70,7 +70,7 @@ def test_small_split_encoded_in_the_driver_is_the_ray_data_maps(ray_session, rec
                                                                   monkeypatch):
     """`encode_split` encodes a split of ≤ DRIVER_ENCODE_RECORDS records in the driver: the same rows, values,
     dtypes and order as its Ray Data map gives (the map path forced with a limit of 0)."""
-    from orchestrator import stages
+    from orchestrator.run import stages
 
     processor = load_processor(tiny_model_dir)
     here = stages.encode_split(records, processor)
@@ -126,7 +126,7 @@ def test_augment_section_mirrors_augment_config(tmp_path):
 
 def test_training_order_interleaves_the_tasks():
     """The files store one task after the other; training must not see one task alone for half an epoch."""
-    from orchestrator.unlabeled import by_task, spread
+    from orchestrator.run.unlabeled import by_task, spread
 
     records = [{"id": f"h{i}", "task": "hallucination"} for i in range(30)]
     records += [{"id": f"f{i}", "task": "factuality"} for i in range(10)]
@@ -138,7 +138,7 @@ def test_training_order_interleaves_the_tasks():
 
 
 def test_each_epoch_is_shuffled_from_its_seed(ray_session):
-    from workers.train_loop import shuffled_batches
+    from workers.training.loop import shuffled_batches
 
     ds = ray.data.from_items([{"i": i} for i in range(256)]).materialize()
 

@@ -1,4 +1,4 @@
-"""Model families (`workers.families`): tiny Qwen3-VL, Idefics3, SmolVLM, Gemma 3 and InternVL levels build offline,
+"""Model families (`workers.models.families`): tiny Qwen3-VL, Idefics3, SmolVLM, Gemma 3 and InternVL levels build offline,
 load, encode, score and train a grounding batch as Qwen2.5-VL's do. Their Ray path (direct tuning, distillation with a
 teacher actor, `hkd evaluate`, `hkd predict`) runs in one pyramid of all five, each level distilled from the one
 above: `tests/test_cross_tokenizer.py`."""
@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from workers import grounding, synth
-from workers.data import load_jsonl
-from workers.families import FAMILIES, family_of, load_processor
-from workers.inference import position_logits
-from workers.models import LevelShape, build_level, build_tokenizer, load_model_dir
-from workers.prompts import collate_records, encode_records, model_inputs, record_units, select_rows
+from workers.training import grounding
+from workers.data import synth
+from workers.data.records import load_jsonl
+from workers.models.families import FAMILIES, family_of, load_processor
+from workers.inference.logits import position_logits
+from workers.models.model_dirs import LevelShape, build_level, build_tokenizer, load_model_dir
+from workers.models.prompts import collate_records, encode_records, model_inputs, record_units, select_rows
 
 SHAPE = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
              vision_heads=2)
@@ -134,8 +135,8 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
 
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):
     """A finished stage is not reused under another family; Qwen2.5-VL runs from before `family` keep theirs."""
-    from orchestrator.config import load_config
-    from orchestrator.stages import fingerprints, plan_stages
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.stages import fingerprints, plan_stages
 
     prints = {}
     for family in ("qwen2_5_vl", "qwen3_vl"):

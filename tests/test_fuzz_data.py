@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from orchestrator.cli import main
-from workers.data import TASKS, DataError, load_jsonl, to_rgb
+from workers.data.records import TASKS, DataError, load_jsonl, to_rgb
 
 EXAMPLES = int(os.environ.get("HKD_FUZZ_EXAMPLES", "0")) or 60
 LONG_RUN = "HKD_FUZZ_EXAMPLES" in os.environ

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.stages import plan_stages
-from workers.grounding import IGNORE, grounding_loss
-from workers.teacher import from_wire, wire_outputs
+from orchestrator.config.schema import load_config
+from orchestrator.run.stages import plan_stages
+from workers.training.grounding import IGNORE, grounding_loss
+from workers.teachers.pool import from_wire, wire_outputs
 
 FIXTURE = Path(__file__).parent / "golden" / "stage_losses.json"
 CONFIG = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
@@ -75,8 +75,8 @@ def _plan(kind: str):
 
 def stage_loss_for(cfg, plan, label_ids, vocab):
     """The worker's stage loss as a run builds it (the only part of this file that follows the API)."""
-    from orchestrator.stages import stage_loss
-    from workers.objectives import StageObjective
+    from orchestrator.run.stages import stage_loss
+    from workers.training.objectives import StageObjective
 
     names = {t["stage"]: f"pool-{t['stage']}" for t in plan.teachers}
     return StageObjective(stage_loss(cfg, plan, names, "/nonexistent/cache"), label_ids, vocab=vocab)

@@ -21,7 +21,7 @@ def test_gpu_bench_tiny_smoke(tmp_path):
     assert proc.returncode == 0 and not errors, (errors, proc.stdout[-3000:], proc.stderr[-3000:])
     parts = record["parts"]
     assert set(parts) == {"teacher", "student", "lora", "actor", "e2e"}
-    assert parts["teacher"]["impl"] == "workers.teacher.Teacher.infer"
+    assert parts["teacher"]["impl"] == "workers.teachers.pool.Teacher.infer"
     assert "kd_loss=jsd" in parts["student"]["impl"]
     assert parts["e2e"]["teacher_calls"] >= parts["e2e"]["steps"] >= 1
     assert all(part["samples_per_s"] > 0 for part in parts.values())

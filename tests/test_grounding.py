@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import RunConfig
-from orchestrator.stages import plan_stages
-from workers import grounding, synth
-from workers.models import load_model_dir
+from orchestrator.config.schema import RunConfig
+from orchestrator.run.stages import plan_stages
+from workers.training import grounding
+from workers.data import synth
+from workers.models.model_dirs import load_model_dir
 
 
 def test_description_names_every_object_in_reading_order():

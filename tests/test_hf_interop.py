@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from workers import synth
-from workers.data import load_jsonl
-from workers.families import FAMILIES
-from workers.lora import add_lora
-from workers.models import LevelShape, build_level, build_tokenizer, load_model_dir, save_model_dir
-from workers.prompts import record_units
+from workers.data import synth
+from workers.data.records import load_jsonl
+from workers.models.families import FAMILIES
+from workers.models.lora import add_lora
+from workers.models.model_dirs import LevelShape, build_level, build_tokenizer, load_model_dir, save_model_dir
+from workers.models.prompts import record_units
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
@@ -139,8 +139,8 @@ def test_lora_student_loads_with_peft_on_its_base_and_its_adapter_matters(intero
 def test_hkd_reads_its_older_dirs_and_knows_a_family_by_either_processor_name(interop, tmp_path):
     """Dirs written before issue 32 name hkd's classes: hkd still loads them. A model of its own `model_type`
     (remote code) is known by its processor, under hkd's class name or the family's own."""
-    from workers.families import family_of, load_processor
-    from workers.families.qwen2_5_vl import HKDProcessor
+    from workers.models.families import family_of, load_processor
+    from workers.models.families.qwen2_5_vl import HKDProcessor
 
     old = tmp_path / "old"
     shutil.copytree(interop["dirs"]["qwen2_5_vl"], old)

@@ -1,4 +1,4 @@
-"""One training loop: a direct stage run in this process (`workers.train_loop.run_in_process`) is the stage
+"""One training loop: a direct stage run in this process (`workers.training.loop.run_in_process`) is the stage
 `hkd run` trains under Ray Train, step for step, and its checkpoints resume it as a Ray Train restart would.
 
 The stage is built the way the pipeline builds it (`stage_job` of a `StagePlan`, the run config's default stage
@@ -15,9 +15,9 @@ import pytest
 import ray
 import torch
 
-from orchestrator.config import Resources, RunConfig, TrainConfig
-from orchestrator.placement import init_ray
-from orchestrator.stages import (
+from orchestrator.config.schema import Resources, RunConfig, TrainConfig
+from orchestrator.cluster.placement import init_ray
+from orchestrator.run.stages import (
     StagePlan,
     default_stage_loss,
     encode_split,
@@ -27,13 +27,13 @@ from orchestrator.stages import (
     stage_tracking,
     train_datasets,
 )
-from orchestrator.tracking import using_store
-from workers import synth
-from workers.data import load_jsonl
-from workers.models import load_model_dir
-from workers.prompts import encode_with, record_units
-from workers.train_context import CHECKPOINT_PREFIX, ColumnDataset
-from workers.train_loop import run_in_process, shuffled_batches
+from orchestrator.report.tracking import using_store
+from workers.data import synth
+from workers.data.records import load_jsonl
+from workers.models.model_dirs import load_model_dir
+from workers.models.prompts import encode_with, record_units
+from workers.training.context import CHECKPOINT_PREFIX, ColumnDataset
+from workers.training.loop import run_in_process, shuffled_batches
 
 RES = Resources(num_workers=1, cpus_per_worker=1, dashboard=False)
 EPOCHS, BATCH = 2, 4

@@ -27,8 +27,8 @@ import pytest
 from safetensors.torch import load_file
 
 from orchestrator.cli import main
-from orchestrator.faults import alive_in_group
-from workers.calibration import load_shift
+from orchestrator.cluster.faults import alive_in_group
+from workers.inference.calibration import load_shift
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

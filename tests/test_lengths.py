@@ -1,5 +1,5 @@
-"""The prompt-length check counts without encoding images (`workers.lengths`): its count must be the length the
-training code's own encoding gives (`workers.prompts.encode_records`), for every family, both tasks and images of
+"""The prompt-length check counts without encoding images (`workers.models.lengths`): its count must be the length the
+training code's own encoding gives (`workers.models.prompts.encode_records`), for every family, both tasks and images of
 several sizes, with dynamic resolution and tiling switched on too."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from workers import synth
-from workers.data import load_jsonl
-from workers.families import FAMILIES, load_processor
-from workers.lengths import prompt_lengths
-from workers.models import LevelShape, build_level
-from workers.prompts import encode_records, record_units
+from workers.data import synth
+from workers.data.records import load_jsonl
+from workers.models.families import FAMILIES, load_processor
+from workers.models.lengths import prompt_lengths
+from workers.models.model_dirs import LevelShape, build_level
+from workers.models.prompts import encode_records, record_units
 
 SHAPE = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
              vision_heads=2)

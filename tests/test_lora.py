@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from orchestrator.config import ConfigError, LoraSettings, load_config
-from workers.lora import ADAPTER_DIR, add_lora
-from workers.models import load_model_dir, save_model_dir
-from workers.prompts import collate_records, encode_records, record_units
-from workers.inference import position_logits
+from orchestrator.config.schema import ConfigError, LoraSettings, load_config
+from workers.models.lora import ADAPTER_DIR, add_lora
+from workers.models.model_dirs import load_model_dir, save_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units
+from workers.inference.logits import position_logits
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers import synth
-from workers.models import (LABEL_WORDS, ModelDirError, build_tokenizer, check_same_tokenizer, label_word_ids,
+from workers.data import synth
+from workers.models.model_dirs import (LABEL_WORDS, ModelDirError, build_tokenizer, check_same_tokenizer, label_word_ids,
                             load_model_dir, save_model_dir)
-from workers.prompts import collate_records, encode_records, model_inputs, record_units
-from workers.inference import position_logits, positive_prob
+from workers.models.prompts import collate_records, encode_records, model_inputs, record_units
+from workers.inference.logits import position_logits, positive_prob
 
 
 def _batch(model_dir, records):
@@ -86,7 +86,7 @@ def test_sharded_model_dir_missing_a_shard_is_refused(tiny_model_dir, tmp_path):
 
 FULL_DISK_SAVE = """
 import resource, signal, sys
-from workers.models import load_model_dir, save_model_dir
+from workers.models.model_dirs import load_model_dir, save_model_dir
 model, processor = load_model_dir(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))

@@ -1,16 +1,16 @@
-"""The stage objectives (`workers.objectives`) and the `kd_loss` choice, from YAML or `--set` to the loss."""
+"""The stage objectives (`workers.training.objectives`) and the `kd_loss` choice, from YAML or `--set` to the loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orchestrator.config import ConfigError, load_config
-from orchestrator.sweep_config import load_sweep
-from orchestrator.stages import fingerprints, plan_stages, stage_loss
+from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.sweep.config import load_sweep
+from orchestrator.run.stages import fingerprints, plan_stages, stage_loss
 from workers.losses import coupling_weights, cross_entropy, topk_forward_kl, topk_jsd, topk_reverse_kl
-from workers.objectives import OBJECTIVES, StageObjective
-from workers.teacher import from_wire, wire_outputs
+from workers.training.objectives import OBJECTIVES, StageObjective
+from workers.teachers.pool import from_wire, wire_outputs
 
 QUICKSTART = "configs/quickstart.yaml"
 LABEL_IDS = (3, 5)

@@ -14,10 +14,10 @@ from ray.cluster_utils import Cluster
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import ConfigError, Placement, Resources, load_config
-from orchestrator.placement import local_resources, scaling
-from orchestrator.trainer import StageTrainer
-from workers.teacher import TeacherPool
+from orchestrator.config.schema import ConfigError, Placement, Resources, load_config
+from orchestrator.cluster.placement import local_resources, scaling
+from orchestrator.cluster.trainer import StageTrainer
+from workers.teachers.pool import TeacherPool
 
 
 @pytest.fixture()
@@ -74,7 +74,7 @@ def test_placement_refuses_builtin_resources(tmp_path):
 ])
 def test_stage_trainer_leaves_out_only_idle_helper_actors(monkeypatch, private, datasets, dropped):
     """A stage starts no dataset manager when it hands its worker the iterators, and no placement-group cleaner
-    on hkd's private local Ray (`orchestrator.trainer`); everything else Ray Train sets up stays."""
+    on hkd's private local Ray (`orchestrator.cluster.trainer`); everything else Ray Train sets up stays."""
     from ray.train import ScalingConfig
 
     monkeypatch.setenv("HKD_PRIVATE_RAY", "1") if private else monkeypatch.delenv("HKD_PRIVATE_RAY", raising=False)
@@ -117,7 +117,7 @@ def test_controller_polls_workers_every_quarter_second_unless_the_user_set_it(mo
     from ray.train import ScalingConfig
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from orchestrator.trainer import POLL_INTERVAL_ENV
+    from orchestrator.cluster.trainer import POLL_INTERVAL_ENV
 
     monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
     StageTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
 from orchestrator.plan import format_table, plan_run
 
 ROOT = Path(__file__).resolve().parents[1]

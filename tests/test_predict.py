@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from orchestrator.cli import main
-from workers.calibration import flip_text, store_shift
-from workers.data import load_jsonl
-from workers.evaluate import score_predictions, score_records
+from workers.inference.calibration import flip_text, store_shift
+from workers.data.records import load_jsonl
+from workers.inference.evaluate import score_predictions, score_records
 
 TASKS = ("hallucination", "factuality")
 

@@ -7,12 +7,12 @@ import ray
 import torch
 
 from workers.losses import teacher_topk
-from workers.models import load_model_dir
-from workers.prompts import collate_records, encode_records, record_units
-from workers.teacher import TeacherPool
+from workers.models.model_dirs import load_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units
+from workers.teachers.pool import TeacherPool
 from tests.conftest import stage_loss_config
-from workers.inference import position_logits
-from workers.teacher_requests import TeacherRequests
+from workers.inference.logits import position_logits
+from workers.teachers.requests import TeacherRequests
 
 
 @pytest.fixture(scope="module")

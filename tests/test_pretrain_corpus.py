@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from orchestrator.bases import load_bases_config
-from workers import prompts, synth
-from workers import pretrain_corpus as pc
-from workers.vocab import fixed_tokenizer, fixed_words
+from workers.models import prompts
+from workers.data import synth
+from workers.data import pretrain_corpus as pc
+from workers.models.vocab import fixed_tokenizer, fixed_words
 
 ROOT = Path(__file__).parent.parent
 BASES = load_bases_config(ROOT / "configs" / "bases.yaml")
@@ -102,9 +103,9 @@ def test_every_fixed_word_is_one_token_of_the_shipped_tokenizer():
 
 
 def test_only_answers_are_supervised():
-    from workers.families import FAMILIES
-    from workers.models import CHAT_TEMPLATE
-    from workers.pretrain import encode_dialogues
+    from workers.models.families import FAMILIES
+    from workers.models.model_dirs import CHAT_TEMPLATE
+    from workers.training.pretrain import encode_dialogues
 
     spec = BASES.spec()
     tok = fixed_tokenizer(BASES.vocab_size, BASES.seed, spec)
@@ -132,7 +133,7 @@ def test_cards_state_the_same_schedule_for_every_level():
 
 @pytest.mark.parametrize("level", sorted(BASES.levels))
 def test_card_weights_hash_matches_the_weights(level):
-    from workers.identity import weights_hash
+    from workers.models.identity import weights_hash
 
     card = json.loads((ROOT / BASES.out / level / "card.json").read_text())
     assert card["weights_sha256"] == weights_hash(ROOT / BASES.out / level)
@@ -142,9 +143,9 @@ def test_fingerprints_cover_the_base_weights_and_the_prompt_format(tmp_path, mon
     """A rebuilt base or a moved decision position never reuses old stages."""
     import shutil
 
-    from orchestrator import stages
-    from orchestrator.config import load_config
-    from orchestrator.stages import fingerprints, plan_stages
+    from orchestrator.run import stages
+    from orchestrator.config.schema import load_config
+    from orchestrator.run.stages import fingerprints, plan_stages
 
     base = tmp_path / "S"
     shutil.copytree(ROOT / BASES.out / "S", base)
@@ -172,7 +173,7 @@ def test_hkd_pretrain_writes_loadable_bases_with_cards(tmp_path):
     import torch
     import yaml
 
-    from workers.models import load_model_dir
+    from workers.models.model_dirs import load_model_dir
 
     raw = yaml.safe_load((ROOT / "configs" / "bases.yaml").read_text())
     raw.update(out=str(tmp_path / "bases"), train={"steps": 3, "batch_size": 2, "eval_every": 2, "questions": 2},

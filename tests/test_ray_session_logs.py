@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.placement import copy_session_logs
+from orchestrator.cluster.placement import copy_session_logs
 
 
 def test_copy_is_bounded_keeps_each_files_end_and_replaces_the_old_link(tmp_path):

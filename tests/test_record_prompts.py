@@ -9,10 +9,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import Idefics3Processor, PreTrainedTokenizerFast
 
-from workers.families.idefics3 import image_processor
-from workers.models import label_word_ids, load_model_dir
-from workers.inference import position_logits
-from workers.prompts import OPTION_CLOSE, collate_records, encode_records, record_units
+from workers.models.families.idefics3 import image_processor
+from workers.models.model_dirs import label_word_ids, load_model_dir
+from workers.inference.logits import position_logits
+from workers.models.prompts import OPTION_CLOSE, collate_records, encode_records, record_units
 
 
 def _encode(records, tiny_model_dir):

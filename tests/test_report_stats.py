@@ -1,4 +1,4 @@
-"""The report's intervals and paired tests (issue 32, `orchestrator.stats`): a bootstrap over whole test records
+"""The report's intervals and paired tests (issue 32, `orchestrator.report.stats`): a bootstrap over whole test records
 whose 95% interval covers a known gap about 95% of the time, gives exactly [0, 0] for identical rows, and at a
 quickstart's 50 records per task calls a noise gap "not distinguishable"; report.md and report.json carry the
 intervals, the claim's verdicts and the machine's speed. numpy only: no model, no Ray."""
@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator import stats
-from orchestrator.machine import describe, probe
-from orchestrator.report import render_markdown, write_report
-from workers.calibration import calibrate, sigmoid
-from workers.metrics import binary_metrics
+from orchestrator.report import stats
+from orchestrator.cluster.machine import describe, probe
+from orchestrator.report.run_report import render_markdown, write_report
+from workers.inference.calibration import calibrate, sigmoid
+from workers.inference.metrics import binary_metrics
 
 TASKS = ("hallucination", "factuality")
 

@@ -12,8 +12,8 @@ import pytest
 
 from orchestrator.cli import main
 from tests.conftest import TINY
-from workers import synth
-from workers.models import build_level, build_tokenizer
+from workers.data import synth
+from workers.models.model_dirs import build_level, build_tokenizer
 
 SHAPE = ("{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, "
          "vision_heads: 2}")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.tracking import flatten, masked
-from workers.models import ModelDirError, load_model_dir
+from orchestrator.report.tracking import flatten, masked
+from workers.models.model_dirs import ModelDirError, load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("orchestrator", "workers", "bench") for p in (ROOT / d).rglob("*.py"))

@@ -14,10 +14,10 @@ import yaml
 from ray.util.placement_group import placement_group
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
-from orchestrator.orphans import remove_orphaned_placement_groups
-from orchestrator.pipeline import init_levels
-from orchestrator.sweep_config import load_sweep
+from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.cluster.orphans import remove_orphaned_placement_groups
+from orchestrator.run.pipeline import init_levels
+from orchestrator.sweep.config import load_sweep
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 BASE = f"""

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from workers import synth
-from workers.synth import GENERATOR_VERSION, SynthSpec, apply_context, generate, holds, sample_texts
+from workers.data import synth
+from workers.data.synth import GENERATOR_VERSION, SynthSpec, apply_context, generate, holds, sample_texts
 
 N = 200  # scenes per split: enough for the 45-55 % balance check to mean something, still ~2 s
 

@@ -12,13 +12,13 @@ import ray
 import torch
 
 from tests.conftest import TINY
-from workers import synth
+from workers.data import synth
 from workers.losses import forward_kl, teacher_topk, topk_forward_kl
-from workers.models import build_level, build_tokenizer, label_word_ids, load_model_dir
-from workers.prompts import collate_records, encode_records, record_units
-from workers.teacher import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
-from workers.inference import position_logits
-from workers.teacher_requests import TeacherRequest
+from workers.models.model_dirs import build_level, build_tokenizer, label_word_ids, load_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units
+from workers.teachers.pool import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
+from workers.inference.logits import position_logits
+from workers.teachers.requests import TeacherRequest
 
 POOL = "t"
 

@@ -12,13 +12,13 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.models import load_model_dir
-from workers.prompts import collate_records, encode_records, record_units, select_rows
-from workers.teacher import Teacher, TeacherPool, dir_fingerprint, to_numpy_inputs
-from workers.teacher_cache import FIELDS, TeacherCache, merge
+from workers.models.model_dirs import load_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units, select_rows
+from workers.teachers.pool import Teacher, TeacherPool, dir_fingerprint, to_numpy_inputs
+from workers.teachers.cache import FIELDS, TeacherCache, merge
 from tests.conftest import stage_loss_config
 from workers.contract import CacheSpec
-from workers.teacher_requests import TeacherRequests, position_keys
+from workers.teachers.requests import TeacherRequests, position_keys
 
 K, T = 8, 2.0
 MB = 1 << 20

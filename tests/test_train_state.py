@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.config import LoraSettings
-from workers.checkpoints import load_train_state, save_train_state
-from workers.inference import position_logits
-from workers.lora import add_lora
-from workers.models import load_model_dir
-from workers.prompts import collate_records, encode_records, record_units
+from orchestrator.config.schema import LoraSettings
+from workers.training.checkpoints import load_train_state, save_train_state
+from workers.inference.logits import position_logits
+from workers.models.lora import add_lora
+from workers.models.model_dirs import load_model_dir
+from workers.models.prompts import collate_records, encode_records, record_units
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def test_every_restart_logs_where_it_started(tmp_path, monkeypatch, kind):
     import ray.train.torch
     from pyarrow.fs import LocalFileSystem
 
-    from workers.checkpoints import record_attempt
-    from workers.train_context import ATTEMPTS_FILE, LocalContext, RayTrainContext
+    from workers.training.checkpoints import record_attempt
+    from workers.training.context import ATTEMPTS_FILE, LocalContext, RayTrainContext
 
     storage = types.SimpleNamespace(storage_filesystem=LocalFileSystem(), experiment_fs_path=str(tmp_path))
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from orchestrator.plots import MARKERS_UNDER, curves_figure, smoothed
+from orchestrator.report.plots import MARKERS_UNDER, curves_figure, smoothed
 
 STEPS = list(range(1, 12))
 

@@ -1,4 +1,4 @@
-"""Scores per benchmark type (`workers.type_scores`) and their place in report.json / report.md, on hand-built
+"""Scores per benchmark type (`workers.inference.type_scores`) and their place in report.json / report.md, on hand-built
 records and decisions whose numbers are worked out by hand below."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from orchestrator.report import write_report
-from workers.type_scores import type_scores
+from orchestrator.report.run_report import write_report
+from workers.inference.type_scores import type_scores
 
 
 def _exists(kind: str, size: str | None = None) -> dict:

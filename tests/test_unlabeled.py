@@ -8,18 +8,18 @@ import json
 import pytest
 import torch
 
-from orchestrator.config import ConfigError, load_config, validate_raw
-from orchestrator.stages import fingerprints, plan_stages, stage_loss
-from orchestrator.unlabeled import ID_PREFIX, as_unlabeled, check_ids, generated_unlabeled, load_unlabeled, mixed, scene_key
-from workers import synth
-from workers.augment import AugmentConfig, aug_key
-from workers.data import DataError
-from workers.inference import target_token_ids
+from orchestrator.config.schema import ConfigError, load_config, validate_raw
+from orchestrator.run.stages import fingerprints, plan_stages, stage_loss
+from orchestrator.run.unlabeled import ID_PREFIX, as_unlabeled, check_ids, generated_unlabeled, load_unlabeled, mixed, scene_key
+from workers.data import synth
+from workers.data.augment import AugmentConfig, aug_key
+from workers.data.records import DataError
+from workers.inference.logits import target_token_ids
 from workers.losses import coupling_weights, cross_entropy, topk_forward_kl
-from workers.objectives import StageObjective
-from workers.prompts import record_units
-from workers.teacher import from_wire, wire_outputs
-from workers.teacher_requests import position_keys
+from workers.training.objectives import StageObjective
+from workers.models.prompts import record_units
+from workers.teachers.pool import from_wire, wire_outputs
+from workers.teachers.requests import position_keys
 
 QUICKSTART = "configs/quickstart.yaml"
 LABEL_IDS = (3, 5)

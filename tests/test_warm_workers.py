@@ -1,4 +1,4 @@
-"""Warm stage processes (`orchestrator.warm_workers`): on hkd's private Ray, a stage's worker is a process started
+"""Warm stage processes (`orchestrator.cluster.warm_workers`): on hkd's private Ray, a stage's worker is a process started
 before the stage, its model code already imported; each stage's fit leaves one for the next, and a teacher
 replica takes one too."""
 
@@ -11,12 +11,12 @@ import time
 import ray
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
-from orchestrator.config import Resources
-from orchestrator.faults import descendants
-from orchestrator.placement import init_ray
-from orchestrator.stages import _fit
-from orchestrator.warm_workers import HOOK, prestart_train_workers, stage_env, teacher_runtime_env
-from workers.teacher import TeacherPool
+from orchestrator.config.schema import Resources
+from orchestrator.cluster.faults import descendants
+from orchestrator.cluster.placement import init_ray
+from orchestrator.run.stages import _fit
+from orchestrator.cluster.warm_workers import HOOK, prestart_train_workers, stage_env, teacher_runtime_env
+from workers.teachers.pool import TeacherPool
 
 
 def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
@@ -42,7 +42,7 @@ def _idle_warm_pids(timeout: float = 60.0) -> set[int]:
 def test_a_stage_and_a_teacher_take_prestarted_processes_with_the_model_code_imported(tmp_path, tiny_model_dir):
     def worker_facts(config: dict) -> dict:  # defined here: pickled by value, not by this test module's name
         return {"pid": os.getpid(), "runtime_env": ray.get_runtime_context().get_runtime_env_string(),
-                "model_code_imported": "workers.train_loop" in sys.modules and "transformers" in sys.modules}
+                "model_code_imported": "workers.training.loop" in sys.modules and "transformers" in sys.modules}
 
     res = Resources(num_workers=1, cpus_per_worker=1, dashboard=False)
     init_ray(res)

@@ -1,7 +1,7 @@
 """The typed contract between the orchestrator and the workers: what one training stage needs, as frozen
-dataclasses the orchestrator builds once from the validated run config (`orchestrator.stages.stage_job`).
+dataclasses the orchestrator builds once from the validated run config (`orchestrator.run.stages.stage_job`).
 
-No field has a default here: every default lives once, in `orchestrator/config.py`, and reaches the workers
+No field has a default here: every default lives once, in `orchestrator/config/schema.py`, and reaches the workers
 only through these objects (a worker never fills in a setting of its own).
 """
 
@@ -52,7 +52,7 @@ class TeacherSpec:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """Teacher-output cache of a stage (`workers.teacher_cache`): where, and how large before evicting."""
+    """Teacher-output cache of a stage (`workers.teachers.cache`): where, and how large before evicting."""
 
     root: str
     max_bytes: int
@@ -62,7 +62,7 @@ class CacheSpec:
 class StageLossConfig:
     """A stage's objective and how its teacher outputs are fetched.
 
-    kind: direct (CE only) | ppod | tcrd (`workers.objectives`); kd_loss/beta: the divergence of every KD term
+    kind: direct (CE only) | ppod | tcrd (`workers.training.objectives`); kd_loss/beta: the divergence of every KD term
     (`beta` is JSD's mixture weight); k: top-k on the wire; prefetch: batches whose teacher outputs are
     requested ahead of the step; call_retries: resends of a teacher call whose replicas died; sharpness:
     of the coupling weights; unlabeled_weight: of the term over unlabelled positions (target -1);
@@ -98,9 +98,9 @@ class StageLossConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimizer and schedule of one stage (`orchestrator.config.TrainConfig`'s fields; `lora` as its dict);
+    """Optimizer and schedule of one stage (`orchestrator.config.schema.TrainConfig`'s fields; `lora` as its dict);
     `eval_every`: steps between validation scores (0: at epoch ends only); `balance_tasks`: the objective's
-    per-task weighting (`workers.objectives.task_weights`)."""
+    per-task weighting (`workers.training.objectives.task_weights`)."""
 
     epochs: float
     batch_size: int
@@ -117,7 +117,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class StageJob:
-    """Everything `workers.train_loop.train_loop_per_worker` needs for one task stage.
+    """Everything `workers.training.loop.train_loop_per_worker` needs for one task stage.
 
     train_sets: the Ray Train dataset names, one per epoch when augmenting (the last one repeats);
     n_units: training records per epoch (sets the step count: a unit is a record, one forward each);
