@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.run.ablation import share_finished  # noqa: E402
 from orchestrator.config.schema import RunConfig, validate_raw  # noqa: E402
 from orchestrator.cluster.machine import describe, probe  # noqa: E402
-from orchestrator.run.pipeline import run  # noqa: E402
-from orchestrator.run.stages import plan_stages  # noqa: E402
+from orchestrator.run.pipeline import run
+from orchestrator.run.kinds import plan_stages
 from orchestrator.report.stats import bootstrap_draws, percentile_interval  # noqa: E402
 from orchestrator.report.tracking import tracking_uri  # noqa: E402
 from workers.inference.calibration import sigmoid  # noqa: E402

@@ -2,7 +2,7 @@
 
 Everything timed is what `hkd run` runs: model dirs written by `workers.models.model_dirs` and loaded with
 `load_model_dir`, the teacher actor class `workers.teachers.pool.Teacher` / `TeacherPool`, the stage objective
-`workers.training.objectives.StageObjective` with `workers.training.optim`, and a whole stage through `orchestrator.run.stages.fit_stage`
+`workers.training.objectives.StageObjective` with `workers.training.optim`, and a whole stage through `orchestrator.run.stages.run_task_stage`
 (the Ray Train loop `workers.training.loop`, teacher prefetch `workers.teachers.requests`). This file holds only
 measurement: inputs, timers, FLOPs, the report. It defines no model, teacher or loss of its own.
 
@@ -13,7 +13,7 @@ Parts (each optional, each guarded: a failure is recorded in the JSON and the ne
            teacher outputs, `optim.update` (AdamW, grad clip): samples/s, MFU
   lora     the same step with `workers.models.lora.add_lora` (r=--lora-r on q/k/v/o of the text model): samples/s, MFU
   actor    `TeacherPool.start` (num_gpus=0.5) answering `submit` in the wire format: samples/s, latency
-  e2e      `fit_stage` of a PPOD stage (one Ray Train worker, num_gpus=0.5) against that pool, prefetching:
+  e2e      `run_task_stage` of a PPOD stage (one Ray Train worker, num_gpus=0.5) against that pool, prefetching:
            the loop's steady-state samples/s and its ratio to the in-process bounds
 
 Models: `--teacher-dir/--student-dir` take real checkpoints (the path a user with weights runs). Without them
@@ -372,7 +372,7 @@ def _student_run(ctx: Ctx, lora: bool) -> dict:
     from workers.models.model_dirs import label_word_ids
     from workers.training.objectives import StageObjective
     from workers.training.optim import update
-    from workers.teachers.pool import from_wire, wire_outputs
+    from workers.teachers.outputs import from_wire, wire_outputs
 
     a = ctx.args
     model, processor, opt, load_s = _student_setup(ctx, lora)
@@ -383,8 +383,8 @@ def _student_run(ctx: Ctx, lora: bool) -> dict:
     batch = to_device(batches(ctx, processor, image_id, 1, offset=a.batch)[0], ctx.device)
     g = torch.Generator().manual_seed(0)
     n_pos = len(batch["positions"])  # one teacher row per supervised position (a record may have several)
-    teacher_out = [to_device(from_wire(wire_outputs(torch.randn(n_pos, vocab, generator=g) * 3, label_ids, a.k,
-                                                    a.temperature)), ctx.device)]
+    teacher_out = [from_wire(wire_outputs(torch.randn(n_pos, vocab, generator=g) * 3, label_ids, a.k,
+                                          a.temperature)).to(ctx.device)]
     losses = []
 
     def step():
@@ -508,11 +508,14 @@ def part_actor(ctx: Ctx) -> dict:
 
 
 def part_e2e(ctx: Ctx) -> dict:
-    """A PPOD stage through `fit_stage`: Ray Data shards, the Ray Train loop, prefetched teacher requests."""
+    """A PPOD stage through `run_task_stage`, as `hkd run` trains one: Ray Data shards, the Ray Train loop,
+    prefetched teacher requests."""
     import ray
 
-    from orchestrator.config.schema import Resources, RunConfig, TrainConfig
-    from orchestrator.run.stages import StagePlan, encode_split, fit_stage, stage_job, train_datasets
+    from orchestrator.config.schema import KDSettings, Resources, RunConfig, TrainConfig
+    from orchestrator.run.inputs import encode_split
+    from orchestrator.run.kinds import PPOD, StagePlan, StageTeacher
+    from orchestrator.run.stages import StageData, StageTeachers, run_task_stage
 
     a = ctx.args
     ensure_pool(ctx)
@@ -525,15 +528,17 @@ def part_e2e(ctx: Ctx) -> dict:
     res = Resources(num_workers=1, cpus_per_worker=a.worker_cpus, use_gpu=ctx.cuda, gpus_per_worker=0.5)
     train = TrainConfig(epochs=1, batch_size=a.batch, lr=1e-5, dtype="bfloat16" if ctx.cuda else "float32",
                         log_every=1000)
-    cfg = RunConfig(levels={"S": {}}, direct={"levels": ["S"]}, resources=res)
-    plan = StagePlan("bench-e2e", "S", "ppod", None, train)
-    sets = train_datasets(train_ds, None)
-    job = stage_job(cfg, plan, ctx.dirs["student"], ctx.work / "e2e-out", ctx.loss_config(a.prefetch), sets,
-                    n_units, None)
+    # the loss `ctx.loss_config` gives the student parts: one teacher (the pool), the run config's other defaults
+    cfg = RunConfig(levels={"S": {}, "T": {}}, direct={"levels": ["S"]}, resources=res,
+                    teachers={"k": a.k, "prefetch": a.prefetch})
+    plan = StagePlan("bench-e2e", "S", PPOD, None, train, teachers=(StageTeacher(POOL, "T", 1.0, a.temperature, False),),
+                     kd=KDSettings(kd_loss=a.kd_loss))
+    data = StageData(train_ds, val_ds, [], lambda: (processor, {}))
     t = time.perf_counter()
-    result = fit_stage("bench-e2e", job, sets, val_ds, res, ctx.work / "ray")
+    result = run_task_stage(cfg, plan, ctx.dirs["student"], ctx.work / "e2e-out", data,
+                            StageTeachers({POOL: POOL}, cache_root=""), ctx.work / "ray", None)
     fit_s = time.perf_counter() - t
-    return {"impl": "orchestrator.run.stages.fit_stage → workers.training.loop", "prefetch": a.prefetch,
+    return {"impl": "orchestrator.run.stages.run_task_stage → workers.training.loop", "prefetch": a.prefetch,
             "steps": result.get("steps"), "samples_per_s": round(result["train_samples_per_s"], 3),
             "teacher_calls": result.get("teacher/calls"), "fit_s": round(fit_s, 1),
             "worker_resources": {"CPU": a.worker_cpus, "GPU": 0.5 if ctx.cuda else 0},

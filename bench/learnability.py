@@ -33,8 +33,10 @@ import torch
 from orchestrator.config.schema import RunConfig, read_raw, validate_raw
 from orchestrator.cluster.machine import describe, probe
 from orchestrator.run.pairs import RunInputs
-from orchestrator.run.pipeline import init_levels, load_splits, model_dir
-from orchestrator.run.stages import plan_stages, stage_job, stage_loss
+from orchestrator.run.levels import init_levels, model_dir
+from orchestrator.run.inputs import load_splits
+from orchestrator.run.kinds import plan_stages
+from orchestrator.run.stages import stage_job, stage_loss
 from orchestrator.run.unlabeled import by_task, spread
 from workers.inference.logits import predict, to_device
 from workers.models.model_dirs import count_parameters, label_word_ids, load_model_dir
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = load_splits(cfg, work)
     splits["train"] = spread(by_task(splits["train"]))  # the pipeline's training order (`encode_inputs`)
     init_dirs = init_levels(cfg, work)
-    plans = [pl for pl in plan_stages(cfg) if pl.kind == "direct"]
+    plans = [pl for pl in plan_stages(cfg) if pl.kind.name == "direct"]
     inputs = RunInputs(cfg, plans, init_dirs, first=cfg.direct.levels[0])
     columns = {s: encode_with(record_units(splits[s]), inputs.processor, inputs.also) for s in ("train", "val")}
     n_units = len(columns["train"]["uid"])

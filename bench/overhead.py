@@ -21,7 +21,8 @@ import torch
 
 from orchestrator.config.schema import Resources, RunConfig, TrainConfig
 from orchestrator.cluster.machine import describe, probe
-from orchestrator.run.stages import StagePlan, default_stage_loss, fit_stage, stage_job, train_datasets
+from orchestrator.run.kinds import PPOD, StagePlan
+from orchestrator.run.stages import default_stage_loss, fit_stage, stage_job, train_datasets
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
 from workers.models.model_dirs import label_word_ids, load_model_dir
@@ -71,7 +72,7 @@ def with_ray(work: Path, teacher_dir: Path, student_dir: Path, units: list[dict]
                               k=K, prefetch=2)
     res = Resources(num_workers=1, cpus_per_worker=1)
     cfg = RunConfig(levels={"S": {}}, direct={"levels": ["S"]}, resources=res)
-    plan = StagePlan("overhead", "S", "ppod", None, TrainConfig(epochs=1, batch_size=batch, log_every=1000))
+    plan = StagePlan("overhead", "S", PPOD, None, TrainConfig(epochs=1, batch_size=batch, log_every=1000))
     sets = train_datasets(ds, None)
     job = stage_job(cfg, plan, student_dir, work / "out", loss, sets, ds.count(), None)
     val_metrics = fit_stage("overhead", job, sets, val, res, work / "ray")

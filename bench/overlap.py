@@ -22,7 +22,8 @@ import torch
 from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.models.model_dirs import label_word_ids, load_model_dir
 from workers.models.prompts import collate_records, encode_records
-from workers.teachers.pool import TeacherPool, from_wire, to_numpy_inputs
+from workers.teachers.outputs import from_wire
+from workers.teachers.pool import TeacherPool, to_numpy_inputs
 from orchestrator.cluster.machine import describe, probe
 from orchestrator.run.stages import default_stage_loss
 from workers.inference.logits import position_logits

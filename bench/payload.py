@@ -33,7 +33,7 @@ from workers.models.families import load_processor  # noqa: E402
 from workers.models.model_dirs import (LevelShape, build_level, build_tokenizer, label_word_ids,  # noqa: E402
                             load_model_dir)
 from workers.models.prompts import collate_records, encode_records, record_units  # noqa: E402
-from workers.teachers.pool import from_wire, wire_outputs  # noqa: E402
+from workers.teachers.outputs import from_wire, wire_outputs  # noqa: E402
 from workers.inference.logits import position_logits  # noqa: E402
 
 KS = (4, 16, 64)
@@ -95,11 +95,11 @@ def measure(teacher: torch.Tensor, student: torch.Tensor, label_ids: tuple[int, 
                "ratio_to_full": per_token / full, "ratio_to_qwen_full": per_token / qwen_full}
         for t in TEMPERATURES:
             out = from_wire(wire_outputs(teacher, label_ids, k, t))
-            approx = topk_forward_kl(student, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"], t,
+            approx = topk_forward_kl(student, out.topk_logprobs, out.topk_ids, out.tail_logprob, t,
                                      reduction="none")
             exact = forward_kl(student, teacher, t, reduction="none")
             mae = (approx - exact).abs().mean().item()
-            row[f"T{t:g}"] = {"topk_mass": out["topk_logprobs"].float().logsumexp(-1).exp().mean().item(),
+            row[f"T{t:g}"] = {"topk_mass": out.topk_logprobs.float().logsumexp(-1).exp().mean().item(),
                               "kl_full": exact.mean().item(), "mae": mae, "rel": mae / exact.mean().item()}
         rows.append(row)
     return {"units": n, "vocab": vocab, "full_bytes_per_token": full, "qwen_full_bytes_per_token": qwen_full,

@@ -26,8 +26,9 @@ import ray
 from orchestrator.cluster import faults
 from orchestrator.config.schema import load_config
 from orchestrator.cluster.machine import describe, probe
-from orchestrator.run.pipeline import _pool_name, run
-from orchestrator.run.stages import StagePlan, plan_stages
+from orchestrator.run.teachers import _pool_name
+from orchestrator.run.pipeline import run
+from orchestrator.run.kinds import StagePlan, plan_stages
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 CONFIG = """

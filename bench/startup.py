@@ -143,7 +143,9 @@ def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = 
     t_import = time.time()
     from orchestrator.config.schema import Resources, RunConfig, TrainConfig
     from orchestrator.cluster.placement import init_ray
-    from orchestrator.run.stages import StagePlan, default_stage_loss, encode_split, fit_stage, stage_job, train_datasets
+    from orchestrator.run.kinds import DIRECT, StagePlan
+    from orchestrator.run.stages import default_stage_loss, fit_stage, stage_job, train_datasets
+    from orchestrator.run.inputs import encode_split
     from workers.models.families import load_processor
 
     out = {"driver imports": time.time() - t_import}
@@ -168,7 +170,7 @@ def ray_child(work: Path, data: Path, model: Path, stages: int, one_fit: bool = 
     batch = len(recs["train"])
     fits = []
     for i in range(stages):
-        plan = StagePlan(f"s{i}", "S", "direct", None, TrainConfig(epochs=1, batch_size=batch, log_every=1000))
+        plan = StagePlan(f"s{i}", "S", DIRECT, None, TrainConfig(epochs=1, batch_size=batch, log_every=1000))
         sets = train_datasets(enc["train"], None)
         progress = work / f"s{i}.progress"
         job = stage_job(cfg, plan, model, work / f"out{i}", default_stage_loss(), sets, batch, None, progress)

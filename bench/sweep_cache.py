@@ -21,8 +21,8 @@ import yaml
 
 from orchestrator.config.schema import load_config, read_raw
 from orchestrator.cluster.machine import describe, probe
-from orchestrator.run.pipeline import init_levels, model_dir
-from orchestrator.run.stages import plan_stages
+from orchestrator.run.levels import init_levels, model_dir
+from orchestrator.run.kinds import plan_stages
 from orchestrator.sweep.tune import run_sweep
 from orchestrator.sweep.config import load_sweep, stage_plan
 
@@ -35,7 +35,7 @@ def stand_in_run(base: Path, run_dir: Path) -> Path:
     init = init_levels(cfg, run_dir)
     level_of = {p.name: p.level for p in plan_stages(cfg)}
     tcrd = stage_plan(cfg, "tcrd")
-    for stage in [tcrd.init] + [t["stage"] for t in tcrd.teachers]:
+    for stage in [tcrd.init] + [t.stage for t in tcrd.teachers]:
         if not model_dir(run_dir, stage).exists():
             shutil.copytree(init[level_of[stage]], model_dir(run_dir, stage))
     return run_dir

@@ -19,9 +19,16 @@ from typing import Any
 import yaml
 from pydantic import Field, create_model
 
-from orchestrator.config.schema import ConfigError, Strict, as_tuples, fields_of, read_raw, validate_raw
-from workers.models.shapes import LevelShape
+from orchestrator.config.schema import (
+    ConfigError,
+    Strict,
+    as_tuples,
+    fields_of,
+    read_raw,
+    validate_raw,
+)
 from workers.data.synth import SynthSpec
+from workers.models.shapes import LevelShape
 
 BaseShape = create_model("BaseShape", __base__=Strict, **fields_of(LevelShape))
 

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.report import console
 from orchestrator.config.schema import ConfigError, load_config
+from orchestrator.report import console
 from orchestrator.run.errors import StageError
 from workers.data.records import DataError
 
@@ -168,8 +168,8 @@ def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     with console.captured(run_dir / "logs", args.verbose):
-        from orchestrator.run.pipeline import run
         from orchestrator.report.run_report import markdown_table
+        from orchestrator.run.pipeline import run
 
         if args.ablation:
             from orchestrator.run.ablation import run_ablation
@@ -302,7 +302,9 @@ def _scoring_inputs(model_dir: str, paths: list[str], require_labels: bool):
 
 def _evaluate(args: argparse.Namespace) -> None:
     scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
-    from workers.inference.evaluate import score_records  # the model code, once the data is known good
+    from workers.inference.evaluate import (
+        score_records,  # the model code, once the data is known good
+    )
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         for scan in scans:
             context.refuse(scan)
@@ -319,7 +321,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _calibrate(args: argparse.Namespace) -> None:
     scans, context = _scoring_inputs(args.model_dir, args.files, require_labels=True)
-    from workers.inference.evaluate import calibrate_model  # the model code, once the data is known good
+    from workers.inference.evaluate import (
+        calibrate_model,  # the model code, once the data is known good
+    )
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         for scan in scans:
             context.refuse(scan)
@@ -335,7 +339,10 @@ def _predict(args: argparse.Namespace) -> None:
     """One output line per input record, in order; with --skip-too-long a record longer than the context gets a
     `{"id", "skipped": why}` line instead of refusing the file, so a batch job goes on."""
     (scan,), context = _scoring_inputs(args.model_dir, [args.file], require_labels=False)
-    from workers.inference.evaluate import prediction_rows, score_records  # the model code, once the data is known good
+    from workers.inference.evaluate import (  # the model code, once the data is known good
+        prediction_rows,
+        score_records,
+    )
     with console.captured(_logs_beside(args.model_dir), args.verbose):
         if not args.skip_too_long:
             context.refuse(scan)

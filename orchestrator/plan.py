@@ -16,15 +16,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 from orchestrator.config.schema import ConfigError, RunConfig, TrainConfig
+from orchestrator.run.kinds import StagePlan, plan_stages
 from orchestrator.run.pairs import check_pairs
-from orchestrator.run.stages import StagePlan, plan_stages
-from workers.models.lora import add_lora
-from workers.models.vocab import fixed_tokenizer
 from workers.models.families import FAMILIES, load_processor
+from workers.models.lora import add_lora
 from workers.models.model_dirs import CHAT_TEMPLATE, LevelShape, label_word_ids
+from workers.models.vocab import fixed_tokenizer
 
 ACTIVATION_SHARE = 0.15
 GB = 1e9
@@ -51,7 +56,7 @@ def plan_run(cfg: RunConfig, model_configs: list[Path] = (),
     kinds = check_pairs(cfg, stages, {name: lv.tokenizer for name, lv in levels.items()})
     adapters: dict = {}
     rows = [_train_row(cfg, s, levels[s.level], adapters) | {"kd": _kd_column(cfg, s, kinds)} for s in stages]
-    teacher_levels = dict.fromkeys(t["level"] for s in stages for t in s.teachers)
+    teacher_levels = dict.fromkeys(t.level for s in stages for t in s.teachers)
     rows += [_teacher_row(cfg, name, levels[name]) | {"kd": ""} for name in teacher_levels]
     problems += [f"{r['process']}: needs {r['need_gb']:.1f} GB, its GPU share allows {r['limit_gb']:.1f} GB"
                  for r in rows if r["limit_gb"] is not None and r["need_gb"] > r["limit_gb"]]
@@ -122,7 +127,7 @@ def _embedding_problems(levels: dict[str, Level]) -> list[str]:
 def _kd_column(cfg: RunConfig, stage: StagePlan, kinds: dict[str, str]) -> str:
     """What the stage's KD runs over, per teacher (`orchestrator.run.pairs.kd_over`)."""
     names = {"top_k": f"top-{cfg.teachers.k} + tail", "label_words": "label words"}
-    return ", ".join(f"{names[kinds[t['stage'] + '→' + stage.name]]} ({t['level']})" for t in stage.teachers) or "-"
+    return ", ".join(f"{names[kinds[t.stage + '→' + stage.name]]} ({t.level})" for t in stage.teachers) or "-"
 
 
 def _train_row(cfg: RunConfig, stage: StagePlan, level: Level, adapters: dict) -> dict:
@@ -197,7 +202,7 @@ def cluster_problems(cfg: RunConfig, stages: list[StagePlan], cluster_file: Path
 
 def _alive_teachers(stages: list[StagePlan]) -> list[list[str]]:
     """Levels of the teacher pools up during each stage: started by then and needed by it or later."""
-    used = [{t["stage"]: t["level"] for t in s.teachers} for s in stages]
+    used = [{t.stage: t.level for t in s.teachers} for s in stages]
     out = []
     for i in range(len(stages)):
         started = {k: v for u in used[: i + 1] for k, v in u.items()}

@@ -69,7 +69,9 @@ def test_secrets_masked_in_params():
 def test_eval_every_is_validated_and_left_out_of_fingerprints(tmp_path):
     """`eval_every` is a train key like the others (every section, overrides, --set); it only adds validation
     scores, so changing it leaves a finished stage reusable."""
-    from orchestrator.run.stages import fingerprints, plan_stages, train_settings
+    from orchestrator.run.fingerprints import fingerprints
+    from orchestrator.run.kinds import plan_stages
+    from orchestrator.run.stages import train_settings
 
     path = _write(tmp_path, "levels: {S: {}, L: {}}\ndirect: {levels: [L, S], overrides: {S: {eval_every: 7}}}\n")
     cfg = load_config(path, ["direct.train.eval_every=5"])

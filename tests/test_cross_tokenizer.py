@@ -20,7 +20,8 @@ import yaml
 from orchestrator.cli import main
 from orchestrator.config.schema import ConfigError, RunConfig
 from orchestrator.run.pairs import RunInputs, check_pairs, level_inputs
-from orchestrator.run.stages import default_stage_loss, plan_stages
+from orchestrator.run.stages import default_stage_loss
+from orchestrator.run.kinds import plan_stages
 from tests.test_families import SHAPE, tiny
 from workers.models.families import family_of
 from workers.data import synth
@@ -29,7 +30,8 @@ from workers.losses import forward_kl, jsd, reverse_kl
 from workers.models.model_dirs import LevelShape, build_level
 from workers.training.objectives import kd_divergence
 from workers.models.prompts import collate_records, encode_with, prefixed, record_units
-from workers.teachers.pool import wire_outputs
+from workers.contract import OutputKind
+from workers.teachers.outputs import TeacherOutput, wire_outputs
 from workers.teachers.cache import TeacherCache, merge
 from workers.teachers.requests import teacher_batch
 
@@ -41,14 +43,14 @@ def test_label_word_kd_is_the_divergence_of_the_two_answer_distributions():
     torch.manual_seed(0)
     student_ids, T = (7, 3), 2.0
     logits = torch.randn(5, 40, requires_grad=True)
-    teacher = {"label_logits": torch.randn(5, 2)}
+    teacher = TeacherOutput(OutputKind.LABEL_WORDS, torch.randn(5, 2))
     pair = logits[:, list(student_ids)]
-    for kd_loss, reference in (("forward_kl", forward_kl(pair, teacher["label_logits"], T)),
-                               ("reverse_kl", reverse_kl(pair, teacher["label_logits"], T)),
-                               ("jsd", jsd(pair, teacher["label_logits"], 0.3, T))):
+    for kd_loss, reference in (("forward_kl", forward_kl(pair, teacher.label_logits, T)),
+                               ("reverse_kl", reverse_kl(pair, teacher.label_logits, T)),
+                               ("jsd", jsd(pair, teacher.label_logits, 0.3, T))):
         got = kd_divergence(logits, teacher, T, default_stage_loss(kd_loss=kd_loss, beta=0.3), student_ids)
         torch.testing.assert_close(got, reference)
-    p = torch.softmax(teacher["label_logits"] / T, -1)
+    p = torch.softmax(teacher.label_logits / T, -1)
     q = torch.softmax(pair / T, -1)
     by_hand = T**2 * (p * (p.log() - q.log())).sum(-1).mean()
     kd = kd_divergence(logits, teacher, T, default_stage_loss(), student_ids)
@@ -56,7 +58,7 @@ def test_label_word_kd_is_the_divergence_of_the_two_answer_distributions():
     kd.backward()
     touched = logits.grad.abs().sum(0).nonzero().flatten().tolist()
     assert sorted(touched) == sorted(student_ids)
-    agreeing = {"label_logits": pair.detach() + 1.5}  # a shift: the same distribution
+    agreeing = TeacherOutput(OutputKind.LABEL_WORDS, pair.detach() + 1.5)  # a shift: the same distribution
     assert kd_divergence(logits, agreeing, T, default_stage_loss(), student_ids).item() == pytest.approx(0, abs=1e-6)
 
 

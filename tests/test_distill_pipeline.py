@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import METHOD_CONFIG
 from orchestrator.config.schema import load_config
-from orchestrator.run.pipeline import _pool_name
-from orchestrator.run.stages import plan_stages
+from orchestrator.run.teachers import _pool_name
+from orchestrator.run.kinds import plan_stages
 
 
 @pytest.fixture()
@@ -25,16 +25,16 @@ def config_path(tmp_path):
 def test_plan_follows_the_pyramid_and_ablation_switches(config_path):
     plans = {p.name: p for p in plan_stages(load_config(config_path))}
     assert list(plans) == ["L-direct", "M-direct", "S-direct", "M+PPOD", "S+PPOD", "S+PPOD+TCRD"]
-    assert [t["stage"] for t in plans["M+PPOD"].teachers] == ["L-direct"]
-    assert [t["stage"] for t in plans["S+PPOD"].teachers] == ["M+PPOD", "L-direct"]
+    assert [t.stage for t in plans["M+PPOD"].teachers] == ["L-direct"]
+    assert [t.stage for t in plans["S+PPOD"].teachers] == ["M+PPOD", "L-direct"]
     tcrd = plans["S+PPOD+TCRD"]
-    assert tcrd.init == "S+PPOD" and [t["stage"] for t in tcrd.teachers] == ["L-direct", "M+PPOD"]
-    assert all(t["coupled"] for t in tcrd.teachers) and not any(t["coupled"] for t in plans["S+PPOD"].teachers)
+    assert tcrd.init == "S+PPOD" and [t.stage for t in tcrd.teachers] == ["L-direct", "M+PPOD"]
+    assert all(t.coupled for t in tcrd.teachers) and not any(t.coupled for t in plans["S+PPOD"].teachers)
 
     no_ppod = {p.name: p for p in plan_stages(load_config(config_path, ["ppod.enabled=false"]))}
     assert list(no_ppod) == ["L-direct", "M-direct", "S-direct", "S+TCRD"]
     assert no_ppod["S+TCRD"].init == "S-direct"
-    assert [t["stage"] for t in no_ppod["S+TCRD"].teachers] == ["L-direct", "M-direct"]
+    assert [t.stage for t in no_ppod["S+TCRD"].teachers] == ["L-direct", "M-direct"]
     no_tcrd = plan_stages(load_config(config_path, ["tcrd.enabled=false"]))
     assert [p.name for p in no_tcrd][-1] == "S+PPOD"
 

@@ -70,7 +70,7 @@ def test_small_split_encoded_in_the_driver_is_the_ray_data_maps(ray_session, rec
                                                                   monkeypatch):
     """`encode_split` encodes a split of ≤ DRIVER_ENCODE_RECORDS records in the driver: the same rows, values,
     dtypes and order as its Ray Data map gives (the map path forced with a limit of 0)."""
-    from orchestrator.run import stages
+    from orchestrator.run import inputs as stages
 
     processor = load_processor(tiny_model_dir)
     here = stages.encode_split(records, processor)
@@ -105,8 +105,8 @@ def test_teacher_answers_the_batch_the_student_trains_on(ray_session, records, t
             rows = [plain_by_uid[u] for u in batch["uid"]]
             original = collate_records({k: v[rows] for k, v in plain.items()}, pad, img)
             on_original, _, _ = teacher_topk(position_logits(model, original), 8, 1.0)
-        torch.testing.assert_close(out["topk_logprobs"].float(), on_batch.float(), atol=5e-3, rtol=0)
-        assert not torch.allclose(out["topk_logprobs"].float(), on_original.float(), atol=5e-3)
+        torch.testing.assert_close(out.topk_logprobs.float(), on_batch.float(), atol=5e-3, rtol=0)
+        assert not torch.allclose(out.topk_logprobs.float(), on_original.float(), atol=5e-3)
         assert all(batch["aug_key"])
     pool.shutdown()
 

@@ -136,7 +136,8 @@ def test_model_dir_of_unsupported_family_refused_naming_the_level(tmp_path, caps
 def test_family_enters_the_stage_fingerprint_only_when_not_the_default(tmp_path):
     """A finished stage is not reused under another family; Qwen2.5-VL runs from before `family` keep theirs."""
     from orchestrator.config.schema import load_config
-    from orchestrator.run.stages import fingerprints, plan_stages
+    from orchestrator.run.fingerprints import fingerprints
+    from orchestrator.run.kinds import plan_stages
 
     prints = {}
     for family in ("qwen2_5_vl", "qwen3_vl"):

@@ -25,7 +25,7 @@ import ray
 
 from orchestrator.cluster import faults
 from orchestrator.cli import main
-from orchestrator.run.pipeline import _pool_name
+from orchestrator.run.teachers import _pool_name
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 EPOCHS = 2

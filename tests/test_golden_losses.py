@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from orchestrator.config.schema import load_config
-from orchestrator.run.stages import plan_stages
+from orchestrator.run.kinds import plan_stages
 from workers.training.grounding import IGNORE, grounding_loss
-from workers.teachers.pool import from_wire, wire_outputs
+from workers.teachers.outputs import from_wire, wire_outputs
 
 FIXTURE = Path(__file__).parent / "golden" / "stage_losses.json"
 CONFIG = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
@@ -70,7 +70,7 @@ def _grad_summary(t: torch.Tensor) -> dict:
 
 def _plan(kind: str):
     cfg = load_config(CONFIG)
-    return cfg, next(p for p in plan_stages(cfg) if p.kind == kind and (kind != "ppod" or p.level == "S"))
+    return cfg, next(p for p in plan_stages(cfg) if p.kind.name == kind and (kind != "ppod" or p.level == "S"))
 
 
 def stage_loss_for(cfg, plan, label_ids, vocab):
@@ -78,14 +78,14 @@ def stage_loss_for(cfg, plan, label_ids, vocab):
     from orchestrator.run.stages import stage_loss
     from workers.training.objectives import StageObjective
 
-    names = {t["stage"]: f"pool-{t['stage']}" for t in plan.teachers}
+    names = {t.stage: f"pool-{t.stage}" for t in plan.teachers}
     return StageObjective(stage_loss(cfg, plan, names, "/nonexistent/cache"), label_ids, vocab=vocab)
 
 
 def _stage_values(kind: str) -> dict:
     cfg, plan = _plan(kind)
     loss_fn = stage_loss_for(cfg, plan, LABEL_IDS, VOCAB)
-    outs = [_teacher_out(100 + i, cfg.teachers.k, t["temperature"]) for i, t in enumerate(plan.teachers)]
+    outs = [_teacher_out(100 + i, cfg.teachers.k, t.temperature) for i, t in enumerate(plan.teachers)]
     logits = _student_logits()
     loss, terms = loss_fn(logits, _targets(), outs)
     loss.backward()
@@ -159,7 +159,7 @@ def test_golden_batch_exercises_every_term():
     assert len(coupling) == 2 and all(0.05 < c < 0.95 for c in coupling)
     cfg, plan = _plan("tcrd")
     logits = _student_logits()
-    outs = [_teacher_out(100 + i, cfg.teachers.k, t["temperature"]) for i, t in enumerate(plan.teachers)]
+    outs = [_teacher_out(100 + i, cfg.teachers.k, t.temperature) for i, t in enumerate(plan.teachers)]
     stage_loss_for(cfg, plan, LABEL_IDS, VOCAB)(logits, _targets(), outs)[0].backward()
     assert np.all(logits.grad[:, VOCAB:].numpy() == 0)
 

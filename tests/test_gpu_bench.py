@@ -1,5 +1,5 @@
 """`bench/gpu.py --tiny`: the GPU bench's CPU smoke run, so it cannot rot between GPU sessions. Every part runs
-the product's own code (model dirs, Teacher/TeacherPool, StageObjective, fit_stage) and none may fail."""
+the product's own code (model dirs, Teacher/TeacherPool, StageObjective, run_task_stage) and none may fail."""
 
 from __future__ import annotations
 

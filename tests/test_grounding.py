@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config.schema import RunConfig
-from orchestrator.run.stages import plan_stages
+from orchestrator.run.kinds import plan_stages
 from workers.training import grounding
 from workers.data import synth
 from workers.models.model_dirs import load_model_dir
@@ -70,4 +70,4 @@ def test_grounding_stages_come_first_and_initialise_the_levels():
     assert plans["L-direct"].init == "L-grounding" and plans["X-direct"].init is None
     assert plans["M+PPOD"].init == "M-grounding"
     off = RunConfig(**{**cfg.model_dump(), "pretrain": {"enabled": False}})
-    assert not any(p.kind == "grounding" for p in plan_stages(off))
+    assert not any(p.kind.name == "grounding" for p in plan_stages(off))

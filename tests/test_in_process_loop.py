@@ -17,16 +17,9 @@ import torch
 
 from orchestrator.config.schema import Resources, RunConfig, TrainConfig
 from orchestrator.cluster.placement import init_ray
-from orchestrator.run.stages import (
-    StagePlan,
-    default_stage_loss,
-    encode_split,
-    fit_stage,
-    one_worker_iterators,
-    stage_job,
-    stage_tracking,
-    train_datasets,
-)
+from orchestrator.run.kinds import DIRECT, StagePlan
+from orchestrator.run.stages import default_stage_loss, fit_stage, one_worker_iterators, stage_job, stage_tracking, train_datasets
+from orchestrator.run.inputs import encode_split
 from orchestrator.report.tracking import using_store
 from workers.data import synth
 from workers.data.records import load_jsonl
@@ -50,7 +43,7 @@ def stage(tmp_path_factory, tiny_model_dir, records, bench_dir):
     splits = {"train": records, "val": [r for t in synth.TASKS for r in load_jsonl(bench_dir / t / "val.jsonl")]}
     _, processor = load_model_dir(tiny_model_dir)
     cfg = RunConfig(levels={"S": {}}, direct={"levels": ["S"]}, resources=RES)
-    plan = StagePlan("S-direct", "S", "direct", None, TrainConfig(epochs=EPOCHS, batch_size=BATCH, log_every=1))
+    plan = StagePlan("S-direct", "S", DIRECT, None, TrainConfig(epochs=EPOCHS, batch_size=BATCH, log_every=1))
     uri = f"sqlite:///{tmp}/mlflow.db"
     init_ray(RES)
     try:

@@ -7,10 +7,13 @@ import torch
 
 from orchestrator.config.schema import ConfigError, load_config
 from orchestrator.sweep.config import load_sweep
-from orchestrator.run.stages import fingerprints, plan_stages, stage_loss
+from orchestrator.run.fingerprints import fingerprints
+from orchestrator.run.kinds import plan_stages
+from orchestrator.run.stages import stage_loss
 from workers.losses import coupling_weights, cross_entropy, topk_forward_kl, topk_jsd, topk_reverse_kl
+from workers.contract import Objective
 from workers.training.objectives import OBJECTIVES, StageObjective
-from workers.teachers.pool import from_wire, wire_outputs
+from workers.teachers.outputs import from_wire, wire_outputs
 
 QUICKSTART = "configs/quickstart.yaml"
 LABEL_IDS = (3, 5)
@@ -30,16 +33,16 @@ def _batch(n_teachers: int, k: int, temperature: float):
 
 
 def _tcrd(cfg):
-    plan = next(p for p in plan_stages(cfg) if p.kind == "tcrd")
-    return plan, stage_loss(cfg, plan, {t["stage"]: "pool" for t in plan.teachers}, "/cache")
+    plan = next(p for p in plan_stages(cfg) if p.kind.name == "tcrd")
+    return plan, stage_loss(cfg, plan, {t.stage: "pool" for t in plan.teachers}, "/cache")
 
 
 def _expected_tcrd(loss_cfg, logits, targets, outs) -> torch.Tensor:
     """ce_weight·CE + Σ_t w_t · coupled KD_t, written out with the chosen top-k divergence."""
     expected = loss_cfg.ce_weight * cross_entropy(logits, torch.where(targets == 1, *LABEL_IDS))
     for teacher, out in zip(loss_cfg.teachers, outs):
-        weights = coupling_weights(torch.softmax(out["label_logits"], -1)[:, 0], targets, loss_cfg.sharpness)
-        kd = TOPK[loss_cfg.kd_loss](logits, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"],
+        weights = coupling_weights(torch.softmax(out.label_logits, -1)[:, 0], targets, loss_cfg.sharpness)
+        kd = TOPK[loss_cfg.kd_loss](logits, out.topk_logprobs, out.topk_ids, out.tail_logprob,
                                     beta=loss_cfg.beta, temperature=teacher.temperature, weights=weights)
         expected = expected + teacher.weight * kd
     return expected
@@ -57,7 +60,7 @@ def test_kd_loss_reaches_the_stage_loss(tmp_path, choice, via):
     else:
         cfg = load_config(QUICKSTART, [f"tcrd.kd_loss={choice}", "tcrd.beta=0.3"])
     plan, loss_cfg = _tcrd(cfg)
-    assert (loss_cfg.kd_loss, loss_cfg.beta, loss_cfg.kind) == (choice, 0.3, "tcrd")
+    assert (loss_cfg.kd_loss, loss_cfg.beta, loss_cfg.objective) == (choice, 0.3, "distill")
     logits, targets, outs = _batch(len(loss_cfg.teachers), loss_cfg.k, 1.0)
     loss, terms = StageObjective(loss_cfg, LABEL_IDS, vocab=V)(logits, targets, outs)
     torch.testing.assert_close(loss, _expected_tcrd(loss_cfg, logits, targets, outs), rtol=0, atol=0)
@@ -68,8 +71,8 @@ def test_kd_loss_reaches_the_stage_loss(tmp_path, choice, via):
 def test_choices_give_different_losses_and_ppod_takes_its_own(choice):
     cfg = load_config(QUICKSTART, [f"ppod.kd_loss={choice}"])
     plans = plan_stages(cfg)
-    assert {p.kd.kd_loss for p in plans if p.kind == "ppod"} == {choice}
-    assert {p.kd.kd_loss for p in plans if p.kind == "tcrd"} == {"forward_kl"}  # each stage its own
+    assert {p.kd.kd_loss for p in plans if p.kind.name == "ppod"} == {choice}
+    assert {p.kd.kd_loss for p in plans if p.kind.name == "tcrd"} == {"forward_kl"}  # each stage its own
     values = {}
     for other in ("forward_kl", "reverse_kl", "jsd"):
         _, loss_cfg = _tcrd(load_config(QUICKSTART, [f"tcrd.kd_loss={other}"]))
@@ -132,10 +135,14 @@ def test_kd_loss_is_sweepable(tmp_path):
 
 
 def test_each_kind_has_its_objective():
-    assert set(OBJECTIVES) == {"direct", "ppod", "tcrd"}
+    """Every task kind's objective is one the workers have; grounding has none (it is not a task stage)."""
+    from orchestrator.run.kinds import KINDS
+
+    assert set(OBJECTIVES) == set(Objective)
+    assert {k.name: k.objective for k in KINDS.values()} == {"grounding": None, "direct": Objective.CE,
+                                                            "ppod": Objective.DISTILL, "tcrd": Objective.DISTILL}
     cfg = load_config(QUICKSTART)
-    kinds = {p.kind for p in plan_stages(cfg)}
-    assert kinds <= set(OBJECTIVES)
+    assert {p.kind.objective for p in plan_stages(cfg)} <= set(OBJECTIVES)
 
 
 TASKS = ["hallucination"] * 4 + ["factuality"] * 2  # Task 1's options outnumber Task 2's claims
@@ -154,7 +161,7 @@ def test_balanced_tasks_make_every_term_the_mean_of_per_task_means():
     for task in ("hallucination", "factuality"):
         sel = torch.tensor([t == task for t in TASKS])
         per_task.append(StageObjective(loss_cfg, LABEL_IDS, vocab=V)(
-            logits[sel], targets[sel], [{k: v[sel] for k, v in o.items()} for o in outs])[1])
+            logits[sel], targets[sel], [o.map(lambda v: v[sel]) for o in outs])[1])
     for name in ("loss_ce", *(f"loss_kd_{t.tag}" for t in loss_cfg.teachers)):
         assert balanced[name] == pytest.approx((per_task[0][name] + per_task[1][name]) / 2, rel=1e-6)
         assert plain[name] == pytest.approx((4 * per_task[0][name] + 2 * per_task[1][name]) / 6, rel=1e-6)

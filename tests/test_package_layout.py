@@ -21,7 +21,7 @@ def _packages() -> dict[str, set[str]]:
         found = re.search(r"^May import: (.*)\.$", doc, re.M)
         if name.count(".") <= 1:  # a package of the layout (families is a part of models)
             assert found, f"{init.relative_to(ROOT)}: its docstring has no 'May import:' line"
-            out[name] = {m.strip() for m in found.group(1).split(",")}
+            out[name] = {m.strip() for m in found.group(1).split(",")} - {"none"}
     return out
 
 

@@ -37,7 +37,7 @@ def test_outputs_stay_with_their_batch(pool, tiny_model_dir, records, depth):
         (out,), wait_s = loss_fn.wait(pending)
         with torch.no_grad():
             expected, _, _ = teacher_topk(position_logits(model, batch), 8, 2.0)
-        torch.testing.assert_close(out["topk_logprobs"].float(), expected.float(), atol=5e-3, rtol=0)
+        torch.testing.assert_close(out.topk_logprobs.float(), expected.float(), atol=5e-3, rtol=0)
         assert wait_s >= 0
         seen.append(batch["uid"])
     assert seen == [b["uid"] for b in batches]

@@ -143,9 +143,10 @@ def test_fingerprints_cover_the_base_weights_and_the_prompt_format(tmp_path, mon
     """A rebuilt base or a moved decision position never reuses old stages."""
     import shutil
 
-    from orchestrator.run import stages
+    from orchestrator.run import fingerprints as stages
     from orchestrator.config.schema import load_config
-    from orchestrator.run.stages import fingerprints, plan_stages
+    from orchestrator.run.fingerprints import fingerprints
+    from orchestrator.run.kinds import plan_stages
 
     base = tmp_path / "S"
     shutil.copytree(ROOT / BASES.out / "S", base)

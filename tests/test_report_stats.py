@@ -13,6 +13,7 @@ import pytest
 from orchestrator.report import stats
 from orchestrator.cluster.machine import describe, probe
 from orchestrator.report.run_report import render_markdown, write_report
+from orchestrator.report.stage_result import StageResult
 from workers.inference.calibration import calibrate, sigmoid
 from workers.inference.metrics import binary_metrics
 
@@ -90,7 +91,7 @@ def _split(rng: np.random.Generator, records: int) -> tuple[np.ndarray, np.ndarr
     return np.array(task), np.array(target), np.array(ids)
 
 
-def _stage_rows(seed: int, signal: float = 0.0) -> dict[str, dict]:
+def _stage_rows(seed: int, signal: float = 0.0) -> dict[str, StageResult]:
     """Stage results like a small quickstart's: 50 test and 30 validation records per task, margins of untrained
     levels (near-constant, a little noise, nothing to do with the label) with the mapping shift calibrated on
     validation as a run does; `signal` lifts the final stage's margins towards the right answer."""
@@ -107,10 +108,10 @@ def _stage_rows(seed: int, signal: float = 0.0) -> dict[str, dict]:
             return {f"{t}/{k}": v for t in TASKS for k, v in binary_metrics(
                 test[1][test[0] == t], sigmoid(test_m[test[0] == t] + shift.get(t, 0.0))).items()}
 
-        rows[name] = {"level": level, "params": params, "samples_per_s": 100.0, "test": metrics({}),
-                      "test_shift": metrics(offsets), "shift": {"offsets": offsets},
-                      "test_units": {"task": test[0].tolist(), "target": test[1].tolist(),
-                                     "margin": test_m.tolist(), "record_id": test[2].tolist()}}
+        rows[name] = StageResult(level, "direct", "", {}, "", "", 0.0, params=params, samples_per_s=100.0,
+                                 test=metrics({}), test_shift=metrics(offsets), shift={"offsets": offsets},
+                                 test_units={"task": test[0].tolist(), "target": test[1].tolist(),
+                                             "margin": test_m.tolist(), "record_id": test[2].tolist()})
     return rows
 
 

@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group
 from orchestrator.cli import main
 from orchestrator.config.schema import ConfigError, load_config
 from orchestrator.cluster.orphans import remove_orphaned_placement_groups
-from orchestrator.run.pipeline import init_levels
+from orchestrator.run.levels import init_levels
 from orchestrator.sweep.config import load_sweep
 
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
@@ -71,7 +71,7 @@ def test_sweep_file_is_validated(tmp_path, base, space, extra, message):
 
 def test_shipped_sweep_validates():
     sweep = load_sweep("configs/sweep_tcrd.yaml")
-    assert sweep.plan.kind == "tcrd" and sweep.base.cache.enabled and len(sweep.spec.space) >= 2
+    assert sweep.plan.kind.name == "tcrd" and sweep.base.cache.enabled and len(sweep.spec.space) >= 2
 
 
 @pytest.fixture()

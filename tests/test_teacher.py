@@ -16,7 +16,8 @@ from workers.data import synth
 from workers.losses import forward_kl, teacher_topk, topk_forward_kl
 from workers.models.model_dirs import build_level, build_tokenizer, label_word_ids, load_model_dir
 from workers.models.prompts import collate_records, encode_records, record_units
-from workers.teachers.pool import TeacherPool, check_compatible, dir_fingerprint, from_wire, to_numpy_inputs
+from workers.teachers.outputs import from_wire
+from workers.teachers.pool import TeacherPool, check_compatible, dir_fingerprint, to_numpy_inputs
 from workers.inference.logits import position_logits
 from workers.teachers.requests import TeacherRequest
 
@@ -58,18 +59,19 @@ def test_round_trip_matches_in_process(pool, reference, temperature):
     batch, logits, label_ids = reference
     n, k = logits.shape[0], 8
     out = _infer(pool, batch, k, temperature)
-    assert {k_: (tuple(v.shape), v.dtype) for k_, v in out.items()} == {
+    assert out.kind == "top_k" and {f: (tuple(getattr(out, f).shape), getattr(out, f).dtype) for f in (
+        "topk_logprobs", "topk_ids", "tail_logprob", "label_logits")} == {
         "topk_logprobs": ((n, k), torch.float16), "topk_ids": ((n, k), torch.int32),
         "tail_logprob": ((n,), torch.float16), "label_logits": ((n, 2), torch.float32)}
     ref_lp, _, ref_tail = teacher_topk(logits, k, temperature)
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     # Ids may swap among near-ties across thread counts: compare values, and the reference at the sent ids.
-    torch.testing.assert_close(out["topk_logprobs"].float(), ref_lp.float(), atol=5e-3, rtol=0)
-    torch.testing.assert_close(log_p.gather(-1, out["topk_ids"].long()), out["topk_logprobs"].float(),
+    torch.testing.assert_close(out.topk_logprobs.float(), ref_lp.float(), atol=5e-3, rtol=0)
+    torch.testing.assert_close(log_p.gather(-1, out.topk_ids.long()), out.topk_logprobs.float(),
                                atol=5e-3, rtol=0)
-    torch.testing.assert_close(out["tail_logprob"].float(), ref_tail.float(), atol=5e-3, rtol=0)
-    torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
-    total = torch.cat([out["topk_logprobs"].float(), out["tail_logprob"].float()[:, None]], -1).logsumexp(-1)
+    torch.testing.assert_close(out.tail_logprob.float(), ref_tail.float(), atol=5e-3, rtol=0)
+    torch.testing.assert_close(out.label_logits, logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
+    total = torch.cat([out.topk_logprobs.float(), out.tail_logprob.float()[:, None]], -1).logsumexp(-1)
     torch.testing.assert_close(total, torch.zeros(n), atol=1e-2, rtol=0)
 
 
@@ -85,22 +87,22 @@ def test_a_record_with_n_options_gives_n_wire_entries(pool, tiny_model_dir, reco
     wire = to_numpy_inputs(batch)
     assert wire["input_ids"].shape[0] == 2 and wire["positions"].shape == (n + 1, 2)
     out = _infer(pool, batch, 4, 1.0)
-    assert all(v.shape[0] == n + 1 for v in out.values())
+    assert {v.shape[0] for v in (out.topk_logprobs, out.topk_ids, out.tail_logprob, out.label_logits)} == {n + 1}
     with torch.no_grad():
         logits = position_logits(model.eval(), batch)
     label_ids = label_word_ids(processor.tokenizer)
-    torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.label_logits, logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
     alone = _infer(pool, collate_records(encode_records(record_units([rec]), processor),
                                          processor.tokenizer.pad_token_id, model.config.image_token_id), 4, 1.0)
-    torch.testing.assert_close(alone["label_logits"], out["label_logits"][:n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone.label_logits, out.label_logits[:n], atol=1e-4, rtol=1e-4)
 
 
 def test_full_k_has_no_tail_and_matches_forward_kl(pool, reference, tokenizer):
     batch, logits, _ = reference
     out = _infer(pool, batch, len(tokenizer), 2.0)
-    assert torch.isneginf(out["tail_logprob"]).all()
+    assert torch.isneginf(out.tail_logprob).all()
     student = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
-    wire = topk_forward_kl(student, out["topk_logprobs"], out["topk_ids"], out["tail_logprob"], 2.0)
+    wire = topk_forward_kl(student, out.topk_logprobs, out.topk_ids, out.tail_logprob, 2.0)
     torch.testing.assert_close(wire, forward_kl(student, logits, 2.0), rtol=2e-3, atol=1e-4)
 
 
@@ -117,7 +119,7 @@ def test_connect_by_name_from_a_task(pool, reference):
     @ray.remote(num_cpus=0)
     def worker(inputs: dict) -> tuple:
         out = ray.get(TeacherPool.connect(POOL, replicas=2).submit(inputs, 3, 1.0))
-        return out["topk_ids"].shape, out["label_logits"].dtype.name
+        return out.topk_ids.shape, out.label_logits.dtype.name
 
     shape, dtype = ray.get(worker.remote(to_numpy_inputs(reference[0])))
     assert shape == (reference[1].shape[0], 3) and dtype == "float32"
@@ -139,7 +141,7 @@ def test_killed_replica_restarts_and_calls_retry(pool, reference):
     os.kill(old["pid"], signal.SIGKILL)
     refs = [victim.infer.remote(to_numpy_inputs(batch), 4, 1.0), pool.submit(to_numpy_inputs(batch), 4, 1.0)]
     for out in ray.get(refs, timeout=120):
-        assert out["topk_ids"].shape == (logits.shape[0], 4)
+        assert out.topk_ids.shape == (logits.shape[0], 4)
     new = ray.get(victim.info.remote())
     assert new["pid"] != old["pid"] and new["restarted"]
 
@@ -171,9 +173,9 @@ def test_call_to_a_replica_gone_for_good_is_resent_to_a_live_one(ray_session, ti
         resends: list = []
         out = from_wire(_request_to(two, batch, retries=3, resends=resends).result())
         assert resends == [1]
-        torch.testing.assert_close(out["topk_logprobs"].float(), teacher_topk(logits, 4, 1.0)[0].float(),
+        torch.testing.assert_close(out.topk_logprobs.float(), teacher_topk(logits, 4, 1.0)[0].float(),
                                    atol=5e-3, rtol=0)
-        torch.testing.assert_close(out["label_logits"], logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.label_logits, logits[:, list(label_ids)], atol=1e-4, rtol=1e-4)
     finally:
         two.shutdown()
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from orchestrator.report.run_report import write_report
+from orchestrator.report.stage_result import StageResult
 from workers.inference.type_scores import type_scores
 
 
@@ -80,18 +81,19 @@ def test_no_facts_or_no_labels_give_no_breakdown():
     assert list(type_scores(only_task2, positions, prob)) == ["factuality"]
 
 
-def _stage_row(scored: tuple, shift: float) -> dict:
-    types, shifted = type_scores(*scored), type_scores(*scored[:2], scored[2] + shift)
+def _stage_row(scored: tuple, shift: float, types: bool = True) -> StageResult:
+    """A stage's result; without `types`, one recorded before per-type scores were kept."""
+    per_type = {"test_types": type_scores(*scored), "test_shift_types": type_scores(*scored[:2], scored[2] + shift)}
     metrics = {f"{t}/{c}": 0.5 for t in ("hallucination", "factuality") for c in ("f1", "accuracy", "auroc", "ece")}
-    return {"level": "S", "params": 1e6, "samples_per_s": 10.0, "test": metrics, "test_shift": metrics,
-            "test_types": types, "test_shift_types": shifted}
+    return StageResult("S", "direct", "", {}, "", "", 0.0, params=1e6, samples_per_s=10.0, test=metrics,
+                       test_shift=metrics, **(per_type if types else {}))
 
 
 def test_report_holds_the_breakdown_per_row(tmp_path):
     """Every row gets its own decisions' breakdown (the +shift row: the shifted ones); a stage recorded before
     breakdowns existed (no `test_types`) just has none."""
     scored = _scored()
-    old = {k: v for k, v in _stage_row(scored, 0.0).items() if not k.endswith("_types")}
+    old = _stage_row(scored, 0.0, types=False)
     report = write_report(tmp_path, {"L-direct": old, "S-direct": _stage_row(scored, 0.25)})
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report and "types" not in on_disk["rows"]["L-direct"]

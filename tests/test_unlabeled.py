@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from orchestrator.config.schema import ConfigError, load_config, validate_raw
-from orchestrator.run.stages import fingerprints, plan_stages, stage_loss
+from orchestrator.run.fingerprints import fingerprints
+from orchestrator.run.kinds import plan_stages
+from orchestrator.run.stages import stage_loss
 from orchestrator.run.unlabeled import ID_PREFIX, as_unlabeled, check_ids, generated_unlabeled, load_unlabeled, mixed, scene_key
 from workers.data import synth
 from workers.data.augment import AugmentConfig, aug_key
@@ -18,7 +20,7 @@ from workers.inference.logits import target_token_ids
 from workers.losses import coupling_weights, cross_entropy, topk_forward_kl
 from workers.training.objectives import StageObjective
 from workers.models.prompts import record_units
-from workers.teachers.pool import from_wire, wire_outputs
+from workers.teachers.outputs import TeacherOutput, from_wire, wire_outputs
 from workers.teachers.requests import position_keys
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -37,13 +39,13 @@ def _logits_and_outs(n_teachers: int, temperature: float):
 
 def _objective(kind: str, *over: str):
     cfg = load_config(QUICKSTART, ["data.synth.unlabeled=2", "tcrd.unlabeled_weight=0.3", *over])
-    plan = next(p for p in plan_stages(cfg) if p.kind == kind and p.level == "S")
-    loss = stage_loss(cfg, plan, {t["stage"]: "pool" for t in plan.teachers}, "/cache")
+    plan = next(p for p in plan_stages(cfg) if p.kind.name == kind and p.level == "S")
+    loss = stage_loss(cfg, plan, {t.stage: "pool" for t in plan.teachers}, "/cache")
     return StageObjective(loss, LABEL_IDS), loss
 
 
-def _rows(out: dict, mask: torch.Tensor) -> dict:
-    return {k: v[mask] for k, v in out.items()}
+def _rows(out: TeacherOutput, mask: torch.Tensor) -> TeacherOutput:
+    return out.map(lambda v: v[mask])
 
 
 def test_unlabelled_positions_never_reach_the_ce_term():
@@ -68,12 +70,12 @@ def test_tcrd_couples_labelled_positions_and_adds_an_uncoupled_kd_term_over_the_
     unlabelled = 0.0
     for t, out in zip(cfg.teachers, outs):
         o, u = _rows(out, lab), _rows(out, unl)
-        w = coupling_weights(torch.softmax(o["label_logits"], -1)[:, 0], TARGETS[lab], sharpness=cfg.sharpness)
+        w = coupling_weights(torch.softmax(o.label_logits, -1)[:, 0], TARGETS[lab], sharpness=cfg.sharpness)
         assert terms[f"coupling_{t.tag}"] == pytest.approx(w.mean().item())
-        args = (o["topk_logprobs"], o["topk_ids"], o["tail_logprob"])
+        args = (o.topk_logprobs, o.topk_ids, o.tail_logprob)
         expected = expected + t.weight * topk_forward_kl(logits[lab], *args, temperature=t.temperature, weights=w)
         unlabelled = unlabelled + t.weight * topk_forward_kl(
-            logits[unl], u["topk_logprobs"], u["topk_ids"], u["tail_logprob"], temperature=t.temperature)
+            logits[unl], u.topk_logprobs, u.topk_ids, u.tail_logprob, temperature=t.temperature)
     assert cfg.unlabeled_weight == 0.3
     assert torch.allclose(loss, expected + 0.3 * unlabelled)
     assert terms["loss_unlabeled"] == pytest.approx(unlabelled.item()) and terms["unlabeled_positions"] == 3
@@ -86,7 +88,7 @@ def test_pseudo_labels_are_ce_on_the_top_teachers_decision():
     logits, outs = _logits_and_outs(2, cfg.teachers[0].temperature)
     unl = TARGETS < 0
     _, terms = objective(logits, TARGETS, outs)
-    top = outs[1]["label_logits"][unl]
+    top = outs[1].label_logits[unl]
     decision = (top[:, 0] >= top[:, 1]).long()
     ce = cross_entropy(logits[unl], target_token_ids(decision, LABEL_IDS))
     assert terms["loss_unlabeled"] == pytest.approx(ce.item())

@@ -1,8 +1,8 @@
 """What runs inside Ray processes: teacher actors, the student's training loop, models, losses, data and
 augmentation. Nothing here imports the orchestrator.
 
-Root modules: `contract` (the frozen jobs the orchestrator hands over) and `losses` (the divergences, pure
-tensor maths).
+Root modules: `contract` (the frozen jobs and names the orchestrator hands over; it names the generator's
+`SynthSpec`) and `losses` (the divergences, pure tensor maths: no import of the package).
 
-May import: workers.contract, workers.losses.
+May import: workers.data.
 """

@@ -1,18 +1,53 @@
 """The typed contract between the orchestrator and the workers: what one training stage needs, as frozen
-dataclasses the orchestrator builds once from the validated run config (`orchestrator.run.stages.stage_job`).
+dataclasses the orchestrator builds once from the validated run config (`orchestrator.run.stages.stage_job`),
+and the names both sides dispatch on (`KDLoss`, `Objective`).
 
-No field has a default here: every default lives once, in `orchestrator/config/schema.py`, and reaches the workers
-only through these objects (a worker never fills in a setting of its own).
+Where defaults live: once, in the type that owns the setting. The run config's schema
+(`orchestrator/config/schema.py`) owns the pipeline's; the worker types it is generated from own theirs
+(`LevelShape`, `AugmentConfig`, `SynthSpec`: the schema takes their fields and defaults, restating none). No field
+here has a default: a job carries every value, and a worker never fills in a setting of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
-KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
-KD_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
-StageKind = Literal["direct", "ppod", "tcrd"]
+from workers.data.synth import SynthSpec
+
+
+class _Named(str, Enum):
+    """A name that is also its string (in YAML, JSON, MLflow params and fingerprints)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class KDLoss(_Named):
+    """The divergence of a KD term (`workers.losses`): forward KL, reverse KL or the Jensen-Shannon divergence."""
+
+    FORWARD_KL = "forward_kl"
+    REVERSE_KL = "reverse_kl"
+    JSD = "jsd"
+
+
+class Objective(_Named):
+    """A task stage's loss (`workers.training.objectives`): cross-entropy on the labels alone, or CE plus KD terms
+    against its teachers. Which stage kind uses which is the orchestrator's registry (`orchestrator.run.kinds`)."""
+
+    CE = "ce"
+    DISTILL = "distill"
+
+
+class OutputKind(_Named):
+    """What a teacher sends (`workers.teachers.outputs.TeacherOutput`): its top-k + tail over the shared vocabulary
+    (with its label-word logits), or, to a student with another tokenizer, its label-word logits alone."""
+
+    TOP_K = "top_k"
+    LABEL_WORDS = "label_words"
+
+
 UnlabeledUse = Literal["kd", "pseudo_labels", "gold_labels"]
 UNLABELED_USES: tuple[str, ...] = ("kd", "pseudo_labels", "gold_labels")
 
@@ -62,14 +97,14 @@ class CacheSpec:
 class StageLossConfig:
     """A stage's objective and how its teacher outputs are fetched.
 
-    kind: direct (CE only) | ppod | tcrd (`workers.training.objectives`); kd_loss/beta: the divergence of every KD term
+    objective: CE only, or distillation (`workers.training.objectives`); kd_loss/beta: the divergence of every KD term
     (`beta` is JSD's mixture weight); k: top-k on the wire; prefetch: batches whose teacher outputs are
     requested ahead of the step; call_retries: resends of a teacher call whose replicas died; sharpness:
     of the coupling weights; unlabeled_weight: of the term over unlabelled positions (target -1);
     unlabeled_use: that term's target, the teachers' soft outputs (kd) or the top teacher's decision
     (pseudo_labels; gold_labels rows carry their labels, so have none); top_teacher: that teacher's index."""
 
-    kind: StageKind
+    objective: Objective
     ce_weight: float
     kd_loss: KDLoss
     beta: float
@@ -84,12 +119,14 @@ class StageLossConfig:
     top_teacher: int
 
     def __post_init__(self):
-        if self.kd_loss not in KD_LOSSES:
-            raise ValueError(f"kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}")
+        if self.kd_loss not in set(KDLoss):
+            raise ValueError(f"kd_loss must be one of {[str(k) for k in KDLoss]}, got {self.kd_loss!r}")
+        object.__setattr__(self, "kd_loss", KDLoss(self.kd_loss))  # a name given as a plain string
+        object.__setattr__(self, "objective", Objective(self.objective))
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if self.kind == "direct" and self.teachers:
-            raise ValueError("a direct stage has no teachers")
+        if self.objective == Objective.CE and self.teachers:
+            raise ValueError("a CE-only stage has no teachers")
         if self.unlabeled_use not in UNLABELED_USES:
             raise ValueError(f"unlabeled_use must be one of {UNLABELED_USES}, got {self.unlabeled_use!r}")
         if self.teachers and not 0 <= self.top_teacher < len(self.teachers):
@@ -137,3 +174,31 @@ class StageJob:
     progress: str | None
     trust_remote_code: bool
     inputs: str
+
+
+@dataclass(frozen=True)
+class GroundingSettings:
+    """Schedule of a grounding pre-training stage (`orchestrator.config.schema.PretrainConfig`'s fields)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    log_every: int
+
+
+@dataclass(frozen=True)
+class GroundingJob:
+    """Everything `workers.training.grounding.grounding_loop_per_worker` needs for one grounding stage: scenes
+    come from the generator (`spec`) per step, so it has no dataset."""
+
+    model_dir: str
+    out_dir: str
+    train: GroundingSettings
+    spec: SynthSpec
+    threads: int
+    seed: int
+    tracking: dict | None
+    progress: str | None

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.tune import Callback
 from ray.core.generated import gcs_pb2
+from ray.tune import Callback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 _NIL_ACTOR = ray.ActorID.nil().binary()

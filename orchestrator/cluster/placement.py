@@ -15,7 +15,6 @@ from ray.train import ScalingConfig
 
 from orchestrator.config.schema import Placement, Resources
 
-
 # A private local Ray has no node that a cloud provider drains: Ray Train's preemption watcher (one more actor
 # process per stage, started beside the worker group) has nothing to watch there. HKD_PRIVATE_RAY tells every
 # process of that Ray (the driver, a sweep trial's) that it is one (`private_ray`).

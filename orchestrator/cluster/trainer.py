@@ -10,7 +10,9 @@ import os
 from ray.train import ScalingConfig
 from ray.train.backend import BackendConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,
+)
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.cluster.placement import private_ray

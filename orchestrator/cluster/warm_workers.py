@@ -66,10 +66,15 @@ def stage_env(hook: bool) -> str:
     process's (the job's in `hkd run`, a trial's in a sweep) plus the env vars Ray Train passes on and one it
     adds; the synchronization actor inherits it. With `hook`, a train worker's: the controller creates them,
     with the same passed-on vars, then `worker_runtime_env`. Keys sorted, compact, as Ray's C++ side writes it."""
-    from orchestrator.cluster.trainer import set_poll_interval  # Ray Train passes the poll interval on: set it first
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as WARN
-    from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as WARN_VALUE
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as WARN_VALUE,
+    )
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from orchestrator.cluster.trainer import (
+        set_poll_interval,  # Ray Train passes the poll interval on: set it first
+    )
 
     set_poll_interval()
     parent = json.loads(ray.get_runtime_context().get_runtime_env_string() or "{}")  # the job's, in the driver
@@ -79,7 +84,9 @@ def stage_env(hook: bool) -> str:
 
 
 def _prestart(env: str, n: int) -> None:
-    from ray._private.grpc_utils import init_grpc_channel  # with Ray's auth token, when Ray has one
+    from ray._private.grpc_utils import (
+        init_grpc_channel,  # with Ray's auth token, when Ray has one
+    )
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
     from ray.core.generated.runtime_environment_pb2 import RuntimeEnvInfo
 

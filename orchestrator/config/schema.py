@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from workers.contract import KDLoss
 from workers.data.augment import AugmentConfig
 from workers.data.records import MAX_OPTIONS, MAX_TEXT_CHARS, DataError, decode_utf8
-from workers.models.shapes import LevelShape
 from workers.data.synth import SynthSpec
+from workers.models.shapes import LevelShape
 
 
 class ConfigError(ValueError):
@@ -34,9 +42,9 @@ class SynthData(Strict):
     train: int = Field(2000, ge=1)
     val: int = Field(300, ge=1)
     test: int = Field(500, ge=1)
-    image_size: int = Field(112, ge=28, multiple_of=28)
-    min_objects: int = Field(1, ge=1)
-    max_objects: int = Field(5, ge=1)
+    image_size: int = Field(SynthSpec.image_size, ge=28, multiple_of=28)  # the generator's defaults, not restated
+    min_objects: int = Field(SynthSpec.min_objects, ge=1)
+    max_objects: int = Field(SynthSpec.max_objects, ge=1)
     unlabeled: int = Field(0, ge=0, description="fresh generated records per task for the distillation stages' "
                                                 "unlabelled term (their own seed stream; scenes seen in val or "
                                                 "test dropped)")
@@ -205,7 +213,7 @@ class KDSettings(Strict):
     exactly onto any student's whatever its tokenizer (`auto`: top-k where teacher and student share a
     tokenizer, the label words where they do not)."""
 
-    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kd_loss: KDLoss = KDLoss.FORWARD_KL
     beta: float = Field(0.5, ge=0, le=1, description="JSD's mixture weight (kd_loss: jsd)")
     kd_over: Literal["auto", "top_k", "label_words"] = Field(
         "auto", description="auto: top_k where teacher and student share a tokenizer, else label_words; top_k "
@@ -385,6 +393,24 @@ class RunConfig(Strict):
         return TrainConfig(**{**self.direct.train.model_dump(), **self.direct.overrides.get(level, {})})
 
 
+_SECTIONS: dict[str, type[BaseModel]] = {}  # the config sections of stage kinds added outside this schema
+
+
+def register_section(name: str, model: type[BaseModel]) -> None:
+    """A top-level section for a stage kind this schema does not define (`orchestrator.run.kinds.register`)."""
+    if name in RunConfig.model_fields or name in _SECTIONS:
+        raise ValueError(f"config section {name!r} exists already")
+    _SECTIONS[name] = model
+
+
+def run_config_model() -> type[RunConfig]:
+    """RunConfig with the sections of registered stage kinds (RunConfig itself when there are none)."""
+    if not _SECTIONS:
+        return RunConfig
+    return create_model("RunConfig", __base__=RunConfig,
+                        **{name: (model, Field(default_factory=model)) for name, model in _SECTIONS.items()})
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML config; raise ConfigError naming the file and key path."""
     path = Path(path)
@@ -412,9 +438,10 @@ def read_raw(path: Path) -> dict:
     return raw
 
 
-def validate_raw(raw: dict, source: str, model: type[BaseModel] = RunConfig) -> Any:
-    """`model` (a RunConfig by default) from a raw dict; errors name `source` and the key path, with the
-    nearest valid key for a typo."""
+def validate_raw(raw: dict, source: str, model: type[BaseModel] | None = None) -> Any:
+    """`model` (a RunConfig by default, `run_config_model`) from a raw dict; errors name `source` and the key
+    path, with the nearest valid key for a typo."""
+    model = model or run_config_model()
     try:
         return model(**raw)
     except ValidationError as err:

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from orchestrator.report.stage_result import StageResult  # noqa: E402
 from workers.inference.calibration import sigmoid  # noqa: E402
 
 TASKS = ("hallucination", "factuality")
@@ -20,7 +21,7 @@ VAL_KEYS = tuple(f"val/{t}/f1" for t in TASKS)
 MARKERS_UNDER = 60  # a series with at most this many logged points gets a marker on each
 
 
-def render_plots(run_dir: Path, rows: dict[str, dict], report: dict, uri: str) -> list[Path]:
+def render_plots(run_dir: Path, rows: dict[str, StageResult], report: dict, uri: str) -> list[Path]:
     """All figures for a finished run; `rows` are the stage results, `report` the table written from them."""
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -31,11 +32,11 @@ def render_plots(run_dir: Path, rows: dict[str, dict], report: dict, uri: str) -
             table_bars(report, out / "ablation.png")]
 
 
-def training_curves(rows: dict[str, dict], uri: str, path: Path) -> Path:
+def training_curves(rows: dict[str, StageResult], uri: str, path: Path) -> Path:
     """Per stage, one column: every loss term against the step (teacher_wait_s on a second axis) above the
     validation macro-F1 per task at the same steps (`val/*`: every `eval_every` steps and each epoch's end)."""
     client = MlflowClient(uri)
-    return _save(curves_figure({name: stage_history(client, row["mlflow_run_id"]) for name, row in rows.items()}),
+    return _save(curves_figure({name: stage_history(client, row.mlflow_run_id) for name, row in rows.items()}),
                  path)
 
 
@@ -104,9 +105,9 @@ def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], li
     return [m.step for m in points], [m.value for m in points]
 
 
-def reliability(row: dict, path: Path, bins: int = 10) -> Path:
+def reliability(row: StageResult, path: Path, bins: int = 10) -> Path:
     """Observed positive rate against mean P(positive) per probability bin, before and after the shift."""
-    units, offsets = row["test_units"], row["shift"]["offsets"]
+    units, offsets = row.test_units, row.shift["offsets"]
     fig, axes = plt.subplots(1, len(TASKS), figsize=(8.4, 3.8), squeeze=False)
     for ax, task in zip(axes[0], TASKS):
         margin, target = _task_arrays(units, task)
@@ -117,15 +118,15 @@ def reliability(row: dict, path: Path, bins: int = 10) -> Path:
             used = [b for b in range(bins) if (idx == b).any()]
             ax.plot([prob[idx == b].mean() for b in used], [target[idx == b].mean() for b in used], "o-",
                     ms=3, label=f"{label} ({offset:+.2f})")
-        ax.set(title=f"{task} ({row['level']})", xlabel="mean P(positive)", ylabel="positive rate",
+        ax.set(title=f"{task} ({row.level})", xlabel="mean P(positive)", ylabel="positive rate",
                xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def confusion(row: dict, path: Path) -> Path:
+def confusion(row: StageResult, path: Path) -> Path:
     """2×2 counts per task of the shifted decisions (rows: truth, columns: prediction)."""
-    units, offsets = row["test_units"], row["shift"]["offsets"]
+    units, offsets = row.test_units, row.shift["offsets"]
     fig, axes = plt.subplots(1, len(TASKS), figsize=(7, 3.4), squeeze=False)
     for ax, task in zip(axes[0], TASKS):
         margin, target = _task_arrays(units, task)

@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from orchestrator.report import stats
 from orchestrator.cluster.machine import describe, probe
+from orchestrator.report import stats
+from orchestrator.report.stage_result import StageResult
 from workers.inference.calibration import sigmoid
 
 TASKS = ("hallucination", "factuality")
@@ -31,19 +32,19 @@ PLOTS = (("table_bars", "ablation.png", "Test macro-F1 per row"),
          ("ablation_parts", "ablation_parts.png", "Ablation: test macro-F1 with each part switched off"))
 
 
-def write_report(run_dir: Path, rows: dict[str, dict]) -> dict:
+def write_report(run_dir: Path, rows: dict[str, StageResult]) -> dict:
     """Per row (stage) and task: test f1, accuracy, auroc, ece (the first three with their 95% bootstrap interval
     under `interval` when the stage kept its test decisions); plus params, inference samples/s and the model dir;
     `types`, the scores per benchmark type when the test records carry facts (`workers.inference.type_scores`).
     The last stage gets a second row, `+shift`, scored with its calibrated mapping shift; `claims` holds the
     paired tests behind "The claim, checked". Writes report.json and report.md (rendered again by
     `render_markdown` once the plots exist)."""
-    table = {name: _row(row, row["test"], run_dir, row.get("test_types"), _decisions(row, shift=False))
+    table = {name: _row(row, row.test, run_dir, row.test_types, _decisions(row, shift=False))
              for name, row in rows.items()}
     if rows:
         last = list(rows)[-1]
-        table[f"{last}+shift"] = _row(rows[last], rows[last]["test_shift"], run_dir,
-                                       rows[last].get("test_shift_types"), _decisions(rows[last], shift=True))
+        table[f"{last}+shift"] = _row(rows[last], rows[last].test_shift, run_dir,
+                                       rows[last].test_shift_types, _decisions(rows[last], shift=True))
     report = {"rows": table, "chance": chance_levels(rows), "bootstrap": bootstrap_settings(rows),
               "claims": claims(rows)}
     write_json(run_dir, report)
@@ -60,28 +61,28 @@ def final_row(report: dict) -> dict:
     return report["rows"][list(report["rows"])[-1]]
 
 
-def _row(row: dict, metrics: dict, run_dir: Path, types: dict | None, decisions: dict | None) -> dict:
-    out = {"level": row["level"], "params": row["params"], "samples_per_s": row["samples_per_s"],
+def _row(row: StageResult, metrics: dict, run_dir: Path, types: dict | None, decisions: dict | None) -> dict:
+    out = {"level": row.level, "params": row.params, "samples_per_s": row.samples_per_s,
            **{task: {c: metrics.get(f"{task}/{c}") for c in COLUMNS} for task in TASKS}}
     for task, (target, prob, records) in (decisions or {}).items():
         if task in out:
             out[task]["interval"] = {m: stats.interval(target, prob, records, m).as_list() for m in stats.METRICS}
-    if row.get("model_dir"):
-        out["model_dir"] = _relative(Path(row["model_dir"]), run_dir)
+    if row.model_dir:
+        out["model_dir"] = _relative(Path(row.model_dir), run_dir)
     if types:
         out["types"] = types
     return out
 
 
-def _decisions(row: dict, shift: bool) -> dict[str, tuple[np.ndarray, np.ndarray, list]]:
+def _decisions(row: StageResult, shift: bool) -> dict[str, tuple[np.ndarray, np.ndarray, list]]:
     """Per task, a stage's labelled test decisions: (targets, P(positive), record id of each), without or with
     the stage's own mapping shift; {} for a stage that kept none. A stage recorded before record ids were kept
     counts each decision as its own record."""
-    units = row.get("test_units")
+    units = row.test_units
     if not units:
         return {}
     tasks, target = np.array(units["task"]), np.array(units["target"], dtype=int)
-    offsets = (row.get("shift") or {}).get("offsets", {}) if shift else {}
+    offsets = (row.shift or {}).get("offsets", {}) if shift else {}
     margin = np.array(units["margin"], dtype=float) + np.array([offsets.get(t, 0.0) for t in tasks.tolist()])
     records = np.array(units.get("record_id") or [f"#{i}" for i in range(len(target))])
     out = {}
@@ -92,9 +93,9 @@ def _decisions(row: dict, shift: bool) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def bootstrap_settings(rows: dict[str, dict]) -> dict:
+def bootstrap_settings(rows: dict[str, StageResult]) -> dict:
     """How the intervals were drawn, for report.json and the report's note."""
-    units = [r["test_units"] for r in rows.values() if r.get("test_units")]
+    units = [r.test_units for r in rows.values() if r.test_units]
     unit = "record" if units and all(u.get("record_id") for u in units) else "decision"
     return {"level": stats.LEVEL, "resamples": stats.RESAMPLES, "seed": stats.SEED, "unit": unit}
 
@@ -106,10 +107,10 @@ def _relative(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def chance_levels(rows: dict[str, dict]) -> dict[str, dict]:
+def chance_levels(rows: dict[str, StageResult]) -> dict[str, dict]:
     """Per task, what a guess that ignores the input scores on this test set: macro-F1 and AUROC 0.5 (a random
     guess at the label rates), accuracy of always answering the majority class, and the positive rate."""
-    units = next((r["test_units"] for r in rows.values() if r.get("test_units")), None)
+    units = next((r.test_units for r in rows.values() if r.test_units), None)
     out = {}
     for task in TASKS:
         targets = [t for k, t in zip(units["task"], units["target"]) if k == task] if units else []
@@ -183,7 +184,7 @@ def _fmt(value: float | None, bold: bool = False, interval: list[float] | None =
     return text
 
 
-def claims(rows: dict[str, dict]) -> dict[str, dict]:
+def claims(rows: dict[str, StageResult]) -> dict[str, dict]:
     """Per task, the paired tests behind "The claim, checked" (macro-F1, every row with its own mapping shift,
     so the final model's score is its `+shift` row's): the final stage against the directly tuned stage of its
     level and against the largest directly tuned level; and each of them against a constant answer on AUROC (a
@@ -192,9 +193,9 @@ def claims(rows: dict[str, dict]) -> dict[str, dict]:
     if not rows:
         return {}
     final = list(rows)[-1]
-    direct = {r["level"]: n for n, r in rows.items() if n.endswith("-direct")}
-    small = direct.get(rows[final]["level"])
-    large = max(direct.values(), key=lambda n: rows[n]["params"], default=None)
+    direct = {r.level: n for n, r in rows.items() if n.endswith("-direct")}
+    small = direct.get(rows[final].level)
+    large = max(direct.values(), key=lambda n: rows[n].params, default=None)
     against = [(role, n) for role, n in (("small", small), ("large", large)) if n and n != final]
     against = [(role, n) for i, (role, n) in enumerate(against) if n not in [m for _, m in against[:i]]]
     decisions = {n: _decisions(rows[n], shift=True) for n in [final] + [n for _, n in against]}

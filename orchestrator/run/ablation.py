@@ -14,12 +14,15 @@ import shutil
 from pathlib import Path
 
 from orchestrator.config.schema import RunConfig, load_config
-from orchestrator.run.pipeline import KeptTeachers, model_dir, run
-from orchestrator.report.plots import table_bars
 from orchestrator.report import console
+from orchestrator.report.plots import table_bars
 from orchestrator.report.run_report import final_row, render_markdown, write_json
-from orchestrator.run.stages import fingerprints, plan_stages, uses_unlabeled
 from orchestrator.report.tracking import tracking_uri
+from orchestrator.run.fingerprints import fingerprints
+from orchestrator.run.kinds import plan_stages, uses_unlabeled
+from orchestrator.run.levels import model_dir
+from orchestrator.run.pipeline import run
+from orchestrator.run.teachers import KeptTeachers
 from orchestrator.run.unlabeled import have_labels
 
 
@@ -83,7 +86,7 @@ def teacher_stages(cfg: RunConfig) -> dict[str, str]:
     """The stages whose models teach in `cfg`'s run, with their fingerprints."""
     plans = plan_stages(cfg)
     prints = fingerprints(cfg, plans)
-    return {t["stage"]: prints[t["stage"]] for p in plans for t in p.teachers}
+    return {t.stage: prints[t.stage] for p in plans for t in p.teachers}
 
 
 def share_finished(source: Path, target: Path, cfg: RunConfig) -> list[str]:

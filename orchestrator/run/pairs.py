@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoConfig, ProcessorMixin
 
 from orchestrator.config.schema import ConfigError, RunConfig
-from orchestrator.run.stages import StagePlan
+from orchestrator.run.kinds import StagePlan
 from workers.contract import TeacherInputs
 from workers.models.families import UnsupportedFamilyError, family_of, load_processor
 from workers.models.model_dirs import LABEL_WORDS, label_word_ids
@@ -72,8 +72,8 @@ def kd_over(cfg: RunConfig, plan: StagePlan, teacher_level: str,
             tokenizers: dict[str, tuple[int, tuple[int, int]]]) -> str:
     """`top_k` or `label_words` for one teacher of a stage, from each level's tokenizer (length, label-word ids);
     refuses top-k KD between two tokenizers."""
-    section = "tcrd" if plan.kind == "tcrd" else "ppod"
-    setting = getattr(cfg, section).kd_over
+    section = plan.kind.section
+    setting = plan.kd.kd_over
     shared = tokenizers[teacher_level] == tokenizers[plan.level]
     if setting == "auto":
         return "top_k" if shared else "label_words"
@@ -93,7 +93,7 @@ def _describe(tokenizer: tuple[int, tuple[int, int]]) -> str:
 def check_pairs(cfg: RunConfig, plans: list[StagePlan],
                 tokenizers: dict[str, tuple[int, tuple[int, int]]]) -> dict[str, str]:
     """Every teacher→student pair's KD kind, `"<teacher stage>→<stage>"` → top_k | label_words (raises first)."""
-    return {f"{t['stage']}→{p.name}": kd_over(cfg, p, t["level"], tokenizers) for p in plans for t in p.teachers}
+    return {f"{t.stage}→{p.name}": kd_over(cfg, p, t.level, tokenizers) for p in plans for t in p.teachers}
 
 
 def encodings(inputs: dict[str, LevelInputs], first: str) -> dict[str, str]:
@@ -116,9 +116,9 @@ def teacher_inputs(plan: StagePlan, inputs: dict[str, LevelInputs],
     """Per teacher stage of `plan`: its own inputs when its encoding differs from the student's, else None."""
     out = {}
     for t in plan.teachers:
-        own = inputs[t["level"]]
-        out[t["stage"]] = (None if own.key == inputs[plan.level].key else
-                           TeacherInputs(prefixes[t["level"]], own.pad_id, own.image_token_id))
+        own = inputs[t.level]
+        out[t.stage] = (None if own.key == inputs[plan.level].key else
+                           TeacherInputs(prefixes[t.level], own.pad_id, own.image_token_id))
     return out
 
 
@@ -137,5 +137,5 @@ class RunInputs:
     def stage_teachers(self, plan: StagePlan) -> dict[str, tuple[bool, TeacherInputs | None]]:
         """Per teacher stage of `plan`: (label-word KD?, its own inputs or None)."""
         own = teacher_inputs(plan, self.levels, self.prefixes)
-        return {t["stage"]: (self.kinds[f"{t['stage']}→{plan.name}"] == "label_words", own[t["stage"]])
+        return {t.stage: (self.kinds[f"{t.stage}→{plan.name}"] == "label_words", own[t.stage])
                 for t in plan.teachers}

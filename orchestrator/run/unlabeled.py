@@ -14,22 +14,24 @@ from pathlib import Path
 
 from orchestrator.config.schema import ConfigError, RunConfig
 from workers.data import synth
-from workers.data.records import DataError, load_jsonl
+from workers.data.records import DataError, FileScan, load_jsonl, load_scan
 
 ID_PREFIX = "unlabeled:"
 LABEL_FIELDS = ("hallucinated", "label")
 
 
-def load_unlabeled(cfg: RunConfig, run_dir: Path, splits: dict[str, list[dict]],
-                   spec: synth.SynthSpec) -> tuple[list[dict], dict]:
+def load_unlabeled(cfg: RunConfig, run_dir: Path, splits: dict[str, list[dict]], spec: synth.SynthSpec,
+                   scans: dict[str, FileScan] | None = None) -> tuple[list[dict], dict]:
     """The run's unlabelled records, ready to train on, and their counts (`records`, `dropped_overlap`: generated
     ones whose scene is in val or test). Labels are cleared unless `data.unlabeled_use` is `gold_labels`, which
-    needs every record labelled."""
-    gold = cfg.data.unlabeled_use == "gold_labels"
-    loaded = [(str(path), rec) for path in cfg.data.unlabeled for rec in load_jsonl(path, **_load_args(cfg))]
+    needs every record labelled. `scans` gets each file's scan by path (the run's length check reads them)."""
+    gold, scans = cfg.data.unlabeled_use == "gold_labels", {} if scans is None else scans
+    for path in cfg.data.unlabeled:
+        scans[str(path)] = load_scan(path, **_load_args(cfg))
+    loaded = [(str(path), rec) for path in cfg.data.unlabeled for rec in scans[str(path)].records]
     dropped = 0
     if cfg.data.synth.unlabeled:
-        generated, dropped = generated_unlabeled(cfg, run_dir, splits["val"] + splits["test"], spec)
+        generated, dropped = generated_unlabeled(cfg, run_dir, splits["val"] + splits["test"], spec, scans)
         loaded += generated
     records = [as_unlabeled(rec, source, keep_labels=gold) for source, rec in loaded]
     check_ids(records, splits["train"])
@@ -41,8 +43,8 @@ def _load_args(cfg: RunConfig) -> dict:
             "default_task": cfg.data.default_task, **cfg.data.limits()}
 
 
-def generated_unlabeled(cfg: RunConfig, run_dir: Path, held_out: list[dict],
-                        spec: synth.SynthSpec) -> tuple[list[tuple[str, dict]], int]:
+def generated_unlabeled(cfg: RunConfig, run_dir: Path, held_out: list[dict], spec: synth.SynthSpec,
+                        scans: dict[str, FileScan] | None = None) -> tuple[list[tuple[str, dict]], int]:
     """`data.synth.unlabeled` fresh records per task (generated once into `<run dir>/data/unlabeled`, from the
     run seed's `unlabeled` stream), less those whose scene occurs in `held_out`; returns them and the count
     dropped."""
@@ -53,8 +55,11 @@ def generated_unlabeled(cfg: RunConfig, run_dir: Path, held_out: list[dict],
         for task in synth.TASKS:
             synth.write_split(out, cfg.seed, task, "unlabeled", n, spec)
         marker.write_text(json.dumps({"seed": cfg.seed, "n": n}))
-    paths = [out / task / "unlabeled.jsonl" for task in synth.TASKS]
-    records = [(str(p), rec) for p in paths for rec in load_jsonl(p, require_labels=True)]
+    paths = [str(out / task / "unlabeled.jsonl") for task in synth.TASKS]
+    read = {p: load_scan(p, require_labels=True) for p in paths}
+    if scans is not None:
+        scans.update(read)
+    records = [(p, rec) for p in paths for rec in read[p].records]
     kept = drop_seen(records, held_out)
     return kept, len(records) - len(kept)
 

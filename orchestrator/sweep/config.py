@@ -15,8 +15,15 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from orchestrator.config.schema import ConfigError, RunConfig, Strict, read_raw, set_key, validate_raw
-from orchestrator.run.stages import StagePlan, plan_stages
+from orchestrator.config.schema import (
+    ConfigError,
+    RunConfig,
+    Strict,
+    read_raw,
+    set_key,
+    validate_raw,
+)
+from orchestrator.run.kinds import StagePlan, plan_stages
 
 METRIC = "f1"  # validation macro-F1 averaged over the tasks, what every epoch reports
 MODE = "max"
@@ -119,10 +126,10 @@ def stage_plan(cfg: RunConfig, stage: str) -> StagePlan:
     by_name = {p.name: p for p in plans}
     if stage in by_name:
         return by_name[stage]
-    of_kind = [p for p in plans if p.kind == stage]
+    of_kind = [p for p in plans if p.kind.name == stage]
     if len(of_kind) == 1:
         return of_kind[0]
-    names = list(by_name) + sorted({p.kind for p in plans if sum(q.kind == p.kind for q in plans) == 1})
+    names = list(by_name) + sorted({p.kind.name for p in plans if sum(q.kind is p.kind for q in plans) == 1})
     close = difflib.get_close_matches(stage, names, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(f"stage '{stage}' is not in the base plan{hint}; choose one of {names}")
@@ -130,7 +137,7 @@ def stage_plan(cfg: RunConfig, stage: str) -> StagePlan:
 
 def _check_key(sweep: Sweep, key: str, dist: Dist, where: str) -> None:
     """A space key must stay inside the swept stage (its models come from `from_run`) and every value valid."""
-    section = sweep.plan.kind
+    section = sweep.plan.kind.section
     if not key.startswith((f"{section}.", "augment.")):
         raise ConfigError(f"{where}: only keys under '{section}.' or 'augment.' can be swept for stage "
                           f"{sweep.plan.name} (earlier stages' models come from from_run)")
@@ -139,6 +146,6 @@ def _check_key(sweep: Sweep, key: str, dist: Dist, where: str) -> None:
             cfg, plan = sweep.trial_config({key: value})
         except ConfigError as err:
             raise ConfigError(f"{where} = {value!r}: {str(err).split(': ', 1)[-1]}") from None
-        if (plan.init, [t["stage"] for t in plan.teachers]) != (sweep.plan.init, [t["stage"] for t in sweep.plan.teachers]):
+        if (plan.init, [t.stage for t in plan.teachers]) != (sweep.plan.init, [t.stage for t in sweep.plan.teachers]):
             raise ConfigError(f"{where} = {value!r} changes which models stage {sweep.plan.name} starts from or "
                               "learns from; sweep weights, temperatures, training and augmentation keys")

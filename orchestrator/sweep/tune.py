@@ -22,15 +22,20 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.config.schema import ConfigError, RunConfig
 from orchestrator.cluster.orphans import OrphanReaper
 from orchestrator.cluster.placement import init_ray
-from orchestrator.run.stages import (StagePlan, augmented_epochs, cache_root, fit_stage, loss_params, stage_job,
-                                 stage_loss, train_datasets)
-from orchestrator.sweep.config import METRIC, MODE, Sweep
-from orchestrator.report.tracking import check_reachable, flatten, log_params, tracking_uri, using_store
 from orchestrator.cluster.warm_workers import prestart_train_workers
-from workers.contract import TeacherInputs
+from orchestrator.config.schema import ConfigError, RunConfig
+from orchestrator.report.tracking import (
+    check_reachable,
+    flatten,
+    log_params,
+    tracking_uri,
+    using_store,
+)
+from orchestrator.run.levels import initial_dir, model_dir
+from orchestrator.run.stages import StageData, StageTeachers, cache_root, run_task_stage
+from orchestrator.sweep.config import METRIC, MODE, Sweep
 
 TRIAL_DRIVER_CPUS = 1  # a trial's own process; Tune cannot schedule it with 0 (STACK-NOTES)
 
@@ -42,13 +47,11 @@ class TrialContext:
     sweep: Sweep
     init_dir: Path
     out_dir: Path
-    pool_names: dict[str, str]
-    cache_root: str
+    teachers: StageTeachers
     records: list[dict]
     uri: str
     experiment_id: str
     parent_id: str
-    pairs: dict[str, tuple[bool, TeacherInputs | None]]  # per teacher stage: label-word KD?, its own inputs
     also_dirs: dict[str, Path]  # the teachers' other encodings: column prefix → a model dir with that processor
 
 
@@ -57,16 +60,14 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
 
     The pipeline and model code are imported here, in the sweep's driver: each trial's process imports this
     module to run `_trial` and needs neither."""
+    from orchestrator.run.inputs import encode_inputs, load_splits, unlabeled_inputs
     from orchestrator.run.pairs import RunInputs
-    from orchestrator.run.pipeline import encode_inputs, load_splits, model_dir, start_teachers, unlabeled_inputs
+    from orchestrator.run.teachers import start_teachers
 
     spec, cfg, plan = sweep.spec, sweep.base, sweep.plan
     from_run = Path(spec.from_run).resolve()
-    init_dir = model_dir(from_run, plan.init) if plan.init else from_run / "models" / "init" / plan.level
-    for needed in [init_dir] + [model_dir(from_run, t["stage"]) for t in plan.teachers]:
-        if not (needed / "config.json").is_file():
-            raise ConfigError(f"{spec.from_run} has no trained model {needed.name!r}: run "
-                              f"`hkd run {spec.base} --run-dir {spec.from_run}` first")
+    levels = trial_levels(sweep, from_run)
+    init_dir = levels[plan.level]
     out_dir = from_run / "sweeps" / spec.name
     uri = tracking_uri(cfg.tracking.uri, from_run.parent)
     check_reachable(uri)
@@ -76,10 +77,9 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     init_ray(cfg.resources, teacher_cpus=teacher_cpus + TRIAL_DRIVER_CPUS)
     # the first trial's worker and the teachers: while the data is encoded
     prestart_train_workers(cfg.resources.num_workers, teachers=cfg.teachers.replicas * len(plan.teachers))
-    levels = {plan.level: init_dir} | {t["level"]: model_dir(from_run, t["stage"]) for t in plan.teachers}
     inputs = RunInputs(cfg, [plan], levels, first=plan.level)
     encoded = encode_inputs(splits, unlabeled, inputs.processor, inputs.also)
-    source = "train" if plan.kind == "direct" else "train_kd"  # as in `hkd run`: only distillation sees unlabelled
+    source = "train_kd" if plan.kind.distills else "train"  # as in `hkd run`: only distillation sees unlabelled
     train_ds, val_ds = encoded[source], encoded["val"]
     pools: dict = {}
     start = time.time()
@@ -88,10 +88,11 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
         log_params(flatten({"sweep": spec.model_dump(exclude={"space"}),
                             "space": {k: d.model_dump(exclude_none=True) for k, d in spec.space.items()}}))
         try:
-            pool_names = start_teachers(cfg, from_run, plan, pools)
-            ctx = TrialContext(sweep, init_dir, out_dir, pool_names, cache_root(cfg, from_run), splits[source], uri,
-                               parent.info.experiment_id, parent.info.run_id, inputs.stage_teachers(plan),
-                               {inputs.prefixes[lv]: d for lv, d in levels.items() if inputs.prefixes[lv]})
+            teachers = StageTeachers(start_teachers(cfg, from_run, plan, pools), cache_root(cfg, from_run),
+                                     inputs.stage_teachers(plan))
+            ctx = TrialContext(sweep, init_dir, out_dir, teachers, splits[source], uri, parent.info.experiment_id,
+                               parent.info.run_id, {inputs.prefixes[lv]: d for lv, d in levels.items()
+                                                    if inputs.prefixes[lv]})
             results = _tuner(sweep, ctx, train_ds, val_ds, teacher_cpus).fit()
             teacher_units = sum(i["served_units"] for pool in pools.values() for i in pool.info())
         finally:
@@ -104,6 +105,21 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     log(f"best trial {summary['best']['trial_id']}: val f1 {summary['best']['f1']:.4f} with "
         f"{summary['best']['values']}; ready-to-run config: {summary['best_yaml']}")
     return summary
+
+
+def trial_levels(sweep: Sweep, from_run: Path) -> dict[str, Path]:
+    """The models a sweep's stage needs from its finished run, by level: the student's start (its `init` stage's
+    model, or the level's initial model: a configured `path`, or the tiny level the run built) and its teachers'
+    trained models. Refuses a missing one before any work."""
+    cfg, plan = sweep.base, sweep.plan
+    start = model_dir(from_run, plan.init) if plan.init else initial_dir(cfg, from_run, plan.level)
+    levels = {plan.level: start} | {t.level: model_dir(from_run, t.stage) for t in plan.teachers}
+    for level, needed in levels.items():
+        configured = cfg.levels[level].path and needed == initial_dir(cfg, from_run, level)
+        if not configured and not (needed / "config.json").is_file():
+            raise ConfigError(f"{sweep.spec.from_run} has no trained model {needed.name!r}: run "
+                              f"`hkd run {sweep.spec.base} --run-dir {sweep.spec.from_run}` first")
+    return levels
 
 
 def max_concurrent(cfg: RunConfig, teacher_cpus: float) -> int:
@@ -141,28 +157,26 @@ def _tuner(sweep: Sweep, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
 
 def _epoch_extremes(sweep: Sweep) -> list[dict]:
     """Value sets covering every epoch count a trial can draw (ASHA's max_t)."""
-    key = f"{sweep.plan.kind}.train.epochs"
+    key = f"{sweep.plan.kind.section}.train.epochs"
     dist = sweep.spec.space.get(key)
     return [{key: v} for v in dist.values_to_check()] if dist else [{}]
 
 
 def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset) -> dict:
-    """One trial: the stage's TorchTrainer under the drawn values, recorded as a child MLflow run."""
+    """One trial: the stage under the drawn values (`run_task_stage`), recorded as a child MLflow run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg, plan = ctx.sweep.trial_config(values)
     trial_id = tune.get_context().get_trial_id()
-    loss = stage_loss(cfg, plan, ctx.pool_names, ctx.cache_root, ctx.pairs)
     client = MlflowClient(ctx.uri)
     run_id = client.create_run(ctx.experiment_id, run_name=f"trial-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_id, "trial_id": trial_id, "stage": plan.name}).info.run_id
-    log_params(flatten({"space": values, "stage": plan.train.model_dump(), "loss": loss_params(loss)}), client, run_id)
+    data = StageData(train_ds, val_ds, ctx.records, lambda: _processors(ctx))
     try:
-        sets = train_datasets(train_ds, _augmented(cfg, plan, ctx))
-        job = stage_job(cfg, plan, ctx.init_dir, ctx.out_dir / "trials" / trial_id, loss, sets, train_ds.count(),
-                        {"uri": ctx.uri, "run_id": run_id})
-        result = fit_stage(f"{plan.name}-{trial_id}", job, sets, val_ds, cfg.resources, ctx.out_dir / "train",
-                           cfg.placement, callbacks=[TuneReportCallback()])
+        result = run_task_stage(cfg, plan, ctx.init_dir, ctx.out_dir / "trials" / trial_id, data, ctx.teachers,
+                                ctx.out_dir / "train", {"uri": ctx.uri, "run_id": run_id},
+                                record=lambda params: log_params(flatten({"space": values, **params}), client, run_id),
+                                name=f"{plan.name}-{trial_id}", callbacks=[TuneReportCallback()])
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -173,14 +187,11 @@ def _trial(values: dict, ctx: TrialContext, train_ds: ray.data.Dataset, val_ds: 
     return result
 
 
-def _augmented(cfg: RunConfig, plan: StagePlan, ctx: TrialContext) -> list[ray.data.Dataset] | None:
-    """The trial's augmented epochs, encoded as the sweep's splits (processors loaded only when augmenting)."""
-    if not cfg.augment.enabled:
-        return None
+def _processors(ctx: TrialContext) -> tuple:
+    """The trial's processors for augmented epochs, as the sweep encoded its splits (loaded only when augmenting)."""
     from workers.models.families import load_processor
 
-    return augmented_epochs(cfg, plan, ctx.records, load_processor(ctx.init_dir),
-                            {prefix: load_processor(d) for prefix, d in ctx.also_dirs.items()})
+    return load_processor(ctx.init_dir), {prefix: load_processor(d) for prefix, d in ctx.also_dirs.items()}
 
 
 def _summarize(sweep: Sweep, results: tune.ResultGrid, ctx: TrialContext, teacher_units: int,

@@ -23,13 +23,13 @@ source path stays in ``source_image``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import re
 import tempfile
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable

@@ -11,12 +11,18 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from workers.inference.calibration import calibrate, flip_text, load_shift, sigmoid, store_shift
 from workers.data.records import load_rgb
+from workers.inference.calibration import (
+    calibrate,
+    flip_text,
+    load_shift,
+    sigmoid,
+    store_shift,
+)
+from workers.inference.logits import position_logits, task_metrics
 from workers.inference.metrics import binary_metrics
 from workers.models.model_dirs import label_word_ids, load_model_dir
 from workers.models.prompts import collate_records, encode_records, record_units
-from workers.inference.logits import position_logits, task_metrics
 
 
 def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 32,

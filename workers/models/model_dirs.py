@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
 
 from workers.models.families import FAMILIES, family_of, load_processor
 from workers.models.families.interop import write_own_processor_files

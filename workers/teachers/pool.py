@@ -20,10 +20,15 @@ import ray
 import torch
 
 from workers.inference.logits import position_logits
-from workers.losses import teacher_topk
 from workers.models.families import load_processor
-from workers.models.model_dirs import check_same_tokenizer, count_parameters, label_word_ids, load_model_dir
+from workers.models.model_dirs import (
+    check_same_tokenizer,
+    count_parameters,
+    label_word_ids,
+    load_model_dir,
+)
 from workers.models.prompts import model_inputs
+from workers.teachers.outputs import wire_outputs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HASH_CHUNK = 1 << 20
@@ -42,27 +47,6 @@ def to_numpy_inputs(batch: dict, pixel_dtype: np.dtype | None = np.float16) -> d
     if pixel_dtype is not None:
         out["pixel_values"] = out["pixel_values"].astype(pixel_dtype)
     return out
-
-
-def from_wire(out: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Teacher outputs as torch tensors; copies, because `ray.get` returns read-only arrays."""
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in out.items()}
-
-
-def wire_outputs(logits: torch.Tensor, label_ids: tuple[int, int], k: int,
-                 temperature: float) -> dict[str, np.ndarray]:
-    """What a teacher sends for [P, V] supervised-position logits: top-k + tail at T and the raw label-word
-    logits; with k = 0 (a student with another tokenizer: label-word KD) the label-word logits alone."""
-    label_logits = logits[:, list(label_ids)].float().cpu().numpy()
-    if k == 0:
-        return {"label_logits": label_logits}
-    topk_logprobs, topk_ids, tail = teacher_topk(logits, k, temperature)
-    return {
-        "topk_logprobs": topk_logprobs.cpu().numpy(),
-        "topk_ids": topk_ids.cpu().numpy(),
-        "tail_logprob": tail.cpu().numpy(),
-        "label_logits": label_logits,
-    }
 
 
 def dir_fingerprint(model_dir: str | Path) -> str:

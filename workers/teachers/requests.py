@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from workers.contract import StageLossConfig, TeacherSpec
-from workers.inference.logits import to_device
+from workers.teachers.outputs import TeacherOutput, from_wire
 
 
 class TeacherRequests:
@@ -93,14 +93,12 @@ class TeacherRequests:
     def _count_resend(self) -> None:
         self.teacher_resends += 1
 
-    def wait(self, pending: list[TeacherRequest]) -> tuple[list[dict], float]:
-        """The teacher outputs of one batch (one dict per teacher, on the device) and the seconds waited."""
+    def wait(self, pending: list[TeacherRequest]) -> tuple[list[TeacherOutput], float]:
+        """The teacher outputs of one batch (one per teacher, on the device) and the seconds waited."""
         if not pending:
             return [], 0.0
-        from workers.teachers.pool import from_wire
-
         t0 = time.perf_counter()
-        outs = [to_device(from_wire(r.result()), self.device) for r in pending]
+        outs = [from_wire(r.result()).to(self.device) for r in pending]
         return outs, time.perf_counter() - t0
 
     def stats(self) -> dict[str, float]:

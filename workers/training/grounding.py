@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ProcessorMixin
 
+from workers.contract import GroundingJob
 from workers.data import synth
 from workers.models.families.formats import format_of
 from workers.models.model_dirs import load_model_dir, save_model_dir
@@ -74,26 +75,26 @@ def held_out_metrics(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 
 def grounding_loop_per_worker(cfg: dict) -> dict:
-    """Ray Train entry point of a grounding stage. `cfg`: model_dir, out_dir, train (PretrainConfig dict),
-    spec (SynthSpec), threads, seed, tracking, progress. Each rank draws its own scenes per step;
-    checkpoints four times, resumes from the latest. Returns held-out metrics (rank 0)."""
-    from workers.training.checkpoints import record_attempt, report_checkpoint, resume
+    """Ray Train entry point of a grounding stage (`cfg["job"]`, a `GroundingJob`). Each rank draws its own scenes
+    per step; checkpoints four times, resumes from the latest. Returns held-out metrics (rank 0)."""
     from workers.inference.logits import to_device
+    from workers.training.checkpoints import record_attempt, report_checkpoint, resume
+    from workers.training.context import RayTrainContext
     from workers.training.optim import adamw, set_lr, update
     from workers.training.step_log import StepLogger
-    from workers.training.context import RayTrainContext
 
-    torch.set_num_threads(max(1, int(cfg["threads"])))
+    job: GroundingJob = cfg["job"]
+    torch.set_num_threads(max(1, job.threads))
     ctx = RayTrainContext()
     rank, world = ctx.rank, ctx.world
-    tc, spec, seed = cfg["train"], cfg["spec"], cfg["seed"]
+    tc, spec, seed = job.train, job.spec, job.seed
     torch.manual_seed(seed + rank)
     device = ctx.device
-    model, processor = load_model_dir(cfg["model_dir"], device=str(device))
-    optimizer = adamw(model, tc["lr"], tc["weight_decay"])
+    model, processor = load_model_dir(job.model_dir, device=str(device))
+    optimizer = adamw(model, tc.lr, tc.weight_decay)
     step = resume(ctx, model, optimizer)
     ddp_model = ctx.prepare(model)
-    total, warmup = tc["steps"], max(1, int(tc["warmup_ratio"] * tc["steps"]))
+    total, warmup = tc.steps, max(1, int(tc.warmup_ratio * tc.steps))
     every = max(1, total // 4)
     pad_id, image_id = processor.tokenizer.pad_token_id, model.config.image_token_id
 
@@ -102,23 +103,23 @@ def grounding_loop_per_worker(cfg: dict) -> dict:
                                  image_id), device)
 
     held_out = batch_of(-1 - seed, 64)  # training seeds are >= 0: these scenes are never trained on
-    logger = StepLogger(cfg.get("tracking"), enabled=rank == 0, progress=cfg.get("progress"), total=total)
+    logger = StepLogger(job.tracking, enabled=rank == 0, progress=job.progress, total=total)
     record_attempt(ctx, logger, step)
     ddp_model.train()
     metrics: dict[str, float] = {}
     while step < total:
-        batch = batch_of((seed * total + step) * world + rank, tc["batch_size"])
-        set_lr(optimizer, tc["lr"], step, total, warmup)
+        batch = batch_of((seed * total + step) * world + rank, tc.batch_size)
+        set_lr(optimizer, tc.lr, step, total, warmup)
         loss = grounding_loss(ddp_model, batch)
-        update(loss, model, optimizer, tc["grad_clip"])
+        update(loss, model, optimizer, tc.grad_clip)
         step += 1
         logger.log(step, {"loss_grounding": loss.item(), "lr": optimizer.param_groups[0]["lr"]},
-                   every=tc["log_every"])
+                   every=tc.log_every)
         if step % every == 0 or step == total:
             metrics = held_out_metrics(model, held_out) if rank == 0 else {}
             logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, every=1)
             report_checkpoint(ctx, model, optimizer, step, metrics)
     if rank == 0:
-        save_model_dir(model, processor, cfg["out_dir"])
+        save_model_dir(model, processor, job.out_dir)
     logger.flush()
     return {**(metrics or held_out_metrics(model, held_out)), "steps": step} if rank == 0 else {}

@@ -20,17 +20,22 @@ import numpy as np
 import torch
 from transformers import ProcessorMixin
 
-from workers.training.checkpoints import record_attempt, report_checkpoint, resume
 from workers.contract import StageJob
 from workers.inference.logits import position_logits, predict, task_metrics, to_device
 from workers.models.lora import add_lora
 from workers.models.model_dirs import label_word_ids, load_model_dir, save_model_dir
+from workers.models.prompts import collate_records, prefixed
+from workers.teachers.requests import TeacherRequests
+from workers.training.checkpoints import record_attempt, report_checkpoint, resume
+from workers.training.context import (
+    Batches,
+    LocalContext,
+    RayTrainContext,
+    TrainContext,
+)
 from workers.training.objectives import StageObjective
 from workers.training.optim import adamw, set_lr, update
-from workers.models.prompts import collate_records, prefixed
 from workers.training.step_log import StepLogger, Throughput, summed
-from workers.teachers.requests import TeacherRequests
-from workers.training.context import Batches, LocalContext, RayTrainContext, TrainContext
 
 OnLog = Callable[[int, dict[str, float]], None]  # (step, metrics) as rank 0 logs them (`workers.training.step_log`)
 

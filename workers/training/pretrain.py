@@ -16,9 +16,9 @@ import torch
 from transformers import ProcessorMixin
 
 from workers.data import pretrain_corpus, synth
+from workers.inference.logits import to_device
 from workers.models.families.formats import format_of
 from workers.training.grounding import IGNORE, collate, grounding_loss, held_out_metrics
-from workers.inference.logits import to_device
 from workers.training.optim import adamw, set_lr, update
 
 

@@ -11,8 +11,8 @@ def import_loops() -> None:
     here is left to fail again in the train function, where its traceback reaches the user as the stage's error
     (a failing hook would end the process with a bare Ray system error)."""
     try:
-        import workers.training.grounding  # noqa: F401
         import workers.teachers.pool  # noqa: F401
+        import workers.training.grounding  # noqa: F401
         import workers.training.loop  # noqa: F401
     except Exception:  # noqa: BLE001 - see above
         pass

@@ -15,9 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
 
-from workers.models.families import gemma3, idefics3, internvl, qwen2_5_vl, qwen3_vl, smolvlm
+from workers.models.families import (
+    gemma3,
+    idefics3,
+    internvl,
+    qwen2_5_vl,
+    qwen3_vl,
+    smolvlm,
+)
 from workers.models.families.interop import OwnProcessor
 from workers.models.shapes import LevelShape
 

@@ -10,8 +10,15 @@ image at one size: 112 px, 8 x 8 patches of 14 pooled 4 x 4 to 4 `<image_soft_to
 
 from __future__ import annotations
 
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.gemma3.image_processing_pil_gemma3 import (
+    Gemma3ImageProcessorPil,
+)
 
 from workers.models.families.idefics3 import PATCH, QWEN_IMAGE, appended, siglip_config
 from workers.models.families.qwen2_5_vl import decoder_config, init_std

@@ -11,10 +11,17 @@ patches shuffled to 4 `<IMG_CONTEXT>` tokens between `<img>` and `</img>`, whate
 
 from __future__ import annotations
 
-from transformers import (BatchFeature, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    BatchFeature,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    PreTrainedTokenizerFast,
+)
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+    GotOcr2ImageProcessorPil,
+)
 
 from workers.models.families.idefics3 import PATCH, QWEN_IMAGE, appended, siglip_config
 from workers.models.families.qwen2_5_vl import decoder_config, init_std

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import math
 
-from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from workers.models.families.qwen2_5_vl import qwen_image_processor, text_config, vision_config, vision_token_ids
+from workers.models.families.qwen2_5_vl import (
+    qwen_image_processor,
+    text_config,
+    vision_config,
+    vision_token_ids,
+)
 from workers.models.shapes import LevelShape
 
 MODEL = Qwen3VLForConditionalGeneration

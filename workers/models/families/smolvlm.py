@@ -8,8 +8,15 @@ frame count in words), neither of which an image needs.
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast, ProcessorMixin, SmolVLMConfig, SmolVLMForConditionalGeneration
-from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from transformers import (
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+    SmolVLMImageProcessorPil,
+)
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
 from workers.models.families import idefics3
