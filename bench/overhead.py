@@ -27,6 +27,8 @@ from tiny_pair import tiny_pair  # bench/ is on sys.path when run as a script
 from workers.losses import teacher_topk
 from workers.models.model_dirs import label_word_ids, load_model_dir
 from workers.models.prompts import collate_records, encode_records
+from workers.contract import OutputKind
+from workers.teachers.outputs import TeacherOutput
 from workers.teachers.pool import TeacherPool
 from workers.inference.logits import position_logits
 from workers.training.objectives import StageObjective
@@ -51,9 +53,10 @@ def in_process(teacher_dir: Path, student_dir: Path, units: list[dict], batch: i
         if i == 2:
             start = time.perf_counter()
         with torch.no_grad():
-            lp, ids, tail = teacher_topk(position_logits(teacher, b), K, T)
-        loss, _ = loss_fn(position_logits(student, b), b["target"],
-                          [{"topk_logprobs": lp, "topk_ids": ids, "tail_logprob": tail}])
+            logits = position_logits(teacher, b)
+            lp, ids, tail = teacher_topk(logits, K, T)
+        out = TeacherOutput(OutputKind.TOP_K, logits[:, list(label_ids)].float(), lp, ids, tail)
+        loss, _ = loss_fn(position_logits(student, b), b["target"], [out])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import ROOT, copy_checkout
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 
 def _cannot_run() -> str | None:
     """Why this machine cannot run the loopback cluster (None: it can)."""

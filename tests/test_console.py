@@ -14,7 +14,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, hkd_cli
+
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 # Lines that only Ray's internals, Ray Data or weight loading print; none may reach the default console.
 NOISE = re.compile(r"\(pid=|\(\w+ pid=|PlacementGroupCleaner|State API|Loading weights|Running Dataset|"
                    r"Started a local Ray|INFO worker\.py|WARNING|Traceback|ray\.|it/s\]|row/s")

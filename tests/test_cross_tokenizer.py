@@ -183,6 +183,7 @@ resources: {{num_workers: 1, cpus_per_worker: 1}}
 """
 
 
+@pytest.mark.slow
 def test_every_family_distils_into_the_next_through_ray_then_evaluates_and_predicts(tmp_path, capsys):
     """Direct tuning of a tiny Qwen3-VL, then PPOD level by level into SmolVLM, Idefics3, Gemma 3 and InternVL
     students, each stage through Ray Train with the level above in a teacher actor; then `hkd evaluate` and

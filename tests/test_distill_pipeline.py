@@ -14,6 +14,8 @@ from orchestrator.config.schema import load_config
 from orchestrator.run.teachers import _pool_name
 from orchestrator.run.kinds import plan_stages
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 
 @pytest.fixture()
 def config_path(tmp_path):

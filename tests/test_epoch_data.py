@@ -23,6 +23,8 @@ from tests.conftest import stage_loss_config
 from workers.inference.logits import position_logits
 from workers.teachers.requests import TeacherRequests
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 CFG = AugmentConfig(flip_p=0.5)
 
 

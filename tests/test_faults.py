@@ -27,6 +27,8 @@ from orchestrator.cluster import faults
 from orchestrator.cli import main
 from orchestrator.run.teachers import _pool_name
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 EPOCHS = 2
 CONFIG = f"""

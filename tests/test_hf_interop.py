@@ -33,6 +33,8 @@ from workers.models.lora import add_lora
 from workers.models.model_dirs import LevelShape, build_level, build_tokenizer, load_model_dir, save_model_dir
 from workers.models.prompts import record_units
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32, vision_depth=1,
              vision_heads=2)

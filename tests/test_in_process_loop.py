@@ -28,6 +28,8 @@ from workers.models.prompts import encode_with, record_units
 from workers.training.context import CHECKPOINT_PREFIX, ColumnDataset
 from workers.training.loop import run_in_process, shuffled_batches
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 RES = Resources(num_workers=1, cpus_per_worker=1, dashboard=False)
 EPOCHS, BATCH = 2, 4
 

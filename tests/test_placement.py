@@ -19,6 +19,8 @@ from orchestrator.cluster.placement import local_resources, scaling
 from orchestrator.cluster.trainer import StageTrainer
 from workers.teachers.pool import TeacherPool
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 
 @pytest.fixture()
 def cluster():

@@ -14,6 +14,8 @@ from tests.conftest import stage_loss_config
 from workers.inference.logits import position_logits
 from workers.teachers.requests import TeacherRequests
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir):

@@ -166,6 +166,7 @@ def test_fingerprints_cover_the_base_weights_and_the_prompt_format(tmp_path, mon
     assert fingerprints(cfg, plan_stages(cfg))["S-direct"] not in (before, rebuilt)
 
 
+@pytest.mark.slow
 def test_hkd_pretrain_writes_loadable_bases_with_cards(tmp_path):
     """`hkd pretrain` end to end on a shrunk config: fp16 model dirs the product loads, each with its card."""
     import subprocess

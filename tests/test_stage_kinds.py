@@ -68,6 +68,7 @@ def test_without_the_registration_its_section_is_an_unknown_key():
         validate_raw(_raw(), "toy.yaml")
 
 
+@pytest.mark.slow
 def test_a_registered_kind_runs_through_the_pipeline(review_kind, tmp_path, monkeypatch):
     """`hkd run`'s pipeline trains, tests and reports the toy kind's stage like any other."""
     from orchestrator.cluster.placement import stop_ray

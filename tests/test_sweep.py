@@ -19,6 +19,8 @@ from orchestrator.cluster.orphans import remove_orphaned_placement_groups
 from orchestrator.run.levels import init_levels
 from orchestrator.sweep.config import load_sweep
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 TINY = "{hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64, vision_hidden: 32, vision_depth: 1, vision_heads: 2}"
 BASE = f"""
 name: base

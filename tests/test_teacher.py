@@ -6,7 +6,6 @@ import functools
 import os
 import signal
 
-import numpy as np
 import pytest
 import ray
 import torch
@@ -20,6 +19,8 @@ from workers.teachers.outputs import from_wire
 from workers.teachers.pool import TeacherPool, check_compatible, dir_fingerprint, to_numpy_inputs
 from workers.inference.logits import position_logits
 from workers.teachers.requests import TeacherRequest
+
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
 
 POOL = "t"
 
@@ -119,7 +120,7 @@ def test_connect_by_name_from_a_task(pool, reference):
     @ray.remote(num_cpus=0)
     def worker(inputs: dict) -> tuple:
         out = ray.get(TeacherPool.connect(POOL, replicas=2).submit(inputs, 3, 1.0))
-        return out.topk_ids.shape, out.label_logits.dtype.name
+        return out["topk_ids"].shape, out["label_logits"].dtype.name
 
     shape, dtype = ray.get(worker.remote(to_numpy_inputs(reference[0])))
     assert shape == (reference[1].shape[0], 3) and dtype == "float32"
@@ -141,7 +142,7 @@ def test_killed_replica_restarts_and_calls_retry(pool, reference):
     os.kill(old["pid"], signal.SIGKILL)
     refs = [victim.infer.remote(to_numpy_inputs(batch), 4, 1.0), pool.submit(to_numpy_inputs(batch), 4, 1.0)]
     for out in ray.get(refs, timeout=120):
-        assert out.topk_ids.shape == (logits.shape[0], 4)
+        assert out["topk_ids"].shape == (logits.shape[0], 4)
     new = ray.get(victim.info.remote())
     assert new["pid"] != old["pid"] and new["restarted"]
 

@@ -20,6 +20,8 @@ from tests.conftest import stage_loss_config
 from workers.contract import CacheSpec
 from workers.teachers.requests import TeacherRequests, position_keys
 
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
+
 K, T = 8, 2.0
 MB = 1 << 20
 
@@ -158,11 +160,11 @@ def test_loop_resends_partly_cached_records_whole_and_merges_in_order(tmp_path, 
         (out,), _ = loss.wait(pending)
         assert pool.info()[0]["served_units"] == len(sent)  # every position of each resent record
         assert loss.stats()["cache/hits"] == len(hit) and loss.stats()["teacher/units"] == len(sent)
-        assert out["label_logits"].shape[0] == len(keys)
+        assert out.label_logits.shape[0] == len(keys)
         for f in FIELDS:  # wholly cached records exact; the rest (computed in a smaller batch) to fp16 precision
-            torch.testing.assert_close(out[f][whole], torch.from_numpy(full[f][whole]), atol=0, rtol=0)
+            torch.testing.assert_close(getattr(out, f)[whole], torch.from_numpy(full[f][whole]), atol=0, rtol=0)
         for f in ("topk_logprobs", "tail_logprob", "label_logits"):  # in the batch's order; ids may swap among ties
-            torch.testing.assert_close(out[f].float(), torch.from_numpy(full[f]).float(), atol=5e-3, rtol=0)
+            torch.testing.assert_close(getattr(out, f).float(), torch.from_numpy(full[f]).float(), atol=5e-3, rtol=0)
         assert len(_shards(tmp_path)) == 2  # the misses were stored for the next epoch or trial
         again = TeacherCache(str(tmp_path), dir_fingerprint(tiny_model_dir), K, T, 10 * MB)
         assert all(row is not None for row in again.get(keys))

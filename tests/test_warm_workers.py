@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import pytest
 import ray
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
@@ -17,6 +18,8 @@ from orchestrator.cluster.placement import init_ray
 from orchestrator.run.stages import _fit
 from orchestrator.cluster.warm_workers import HOOK, prestart_train_workers, stage_env, teacher_runtime_env
 from workers.teachers.pool import TeacherPool
+
+pytestmark = pytest.mark.slow  # starts Ray or runs a pipeline: not in the fast tier (docs/setup.md)
 
 
 def _idle_warm_pids(timeout: float = 60.0) -> set[int]:

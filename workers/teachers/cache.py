@@ -1,10 +1,10 @@
 """Teacher outputs computed once and reused by every epoch, stage and sweep trial that asks for them.
 
 Layout: `<root>/<teacher fingerprint>/k<k>-T<temperature>/<sha256[:32]>.arrow`. The fingerprint hashes the
-teacher dir's config and weights (`teacher.dir_fingerprint`), so a changed teacher can never hit old
+teacher dir's config and weights (`workers.teachers.pool.dir_fingerprint`), so a changed teacher can never hit old
 entries; k and the temperature name what was stored (top-k log-probs at T need the full vocabulary, which
 never leaves the teacher; k = 0 stores the label-word logits alone, what a student with another tokenizer uses). Within a namespace, each row is one supervised position, keyed by
-`<record id>#<slot>|<aug_key>` (`teacher_requests.position_keys`; `aug_key` names the record id, epoch, seed and
+`<record id>#<slot>|<aug_key>` (`workers.teachers.requests.position_keys`; `aug_key` names the record id, epoch, seed and
 augmentation config; "" for an un-augmented record).
 
 A shard is an Arrow IPC file holding one batch's missing positions, named by the sha256 of its bytes and written to a
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 FIELDS = ("topk_logprobs", "topk_ids", "tail_logprob", "label_logits")
-LABEL_FIELDS = ("label_logits",)  # k = 0: label-word KD (`teacher.wire_outputs`)
+LABEL_FIELDS = ("label_logits",)  # k = 0: label-word KD (`workers.teachers.outputs.wire_outputs`)
 SUFFIX = ".arrow"
 
 
