@@ -117,6 +117,11 @@ def plan_stages(cfg: RunConfig) -> list[StagePlan]:
     return planning.plans
 
 
+def uses_unlabeled(cfg: RunConfig, plan: StagePlan) -> bool:
+    """Whether the stage trains on the unlabelled inputs too: distillation stages, when there are any."""
+    return plan.kind.distills and cfg.data.has_unlabeled()
+
+
 def _kd(section: KDSettings) -> KDSettings:
     return KDSettings(**section.model_dump(include=set(KDSettings.model_fields)))
 
@@ -148,7 +153,8 @@ def _plan_ppod(p: Planning) -> None:
 
 
 def _plan_tcrd(p: Planning) -> None:
-    """The student, from its latest version, learns from the top level and the assistant, each term coupled."""
+    """The student, from its latest version, learns from the top level and the assistant (terms coupled unless
+    `tcrd.coupled` is off)."""
     tc = p.cfg.tcrd
     if not tc.enabled:
         return
@@ -163,8 +169,3 @@ GROUNDING = register(StageKind("grounding", "pretrain", _plan_grounding, objecti
 DIRECT = register(StageKind("direct", "direct", _plan_direct, Objective.CE))
 PPOD = register(StageKind("ppod", "ppod", _plan_ppod, Objective.DISTILL, distills=True))
 TCRD = register(StageKind("tcrd", "tcrd", _plan_tcrd, Objective.DISTILL, distills=True))
-
-
-def uses_unlabeled(cfg: RunConfig, plan: StagePlan) -> bool:
-    """Whether the stage trains on the unlabelled inputs too: distillation stages, when there are any."""
-    return plan.kind.distills and cfg.data.has_unlabeled()
