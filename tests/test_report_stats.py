@@ -108,7 +108,8 @@ def _stage_rows(seed: int, signal: float = 0.0) -> dict[str, StageResult]:
             return {f"{t}/{k}": v for t in TASKS for k, v in binary_metrics(
                 test[1][test[0] == t], sigmoid(test_m[test[0] == t] + shift.get(t, 0.0))).items()}
 
-        rows[name] = StageResult(level, "direct", "", {}, "", "", 0.0, params=params, samples_per_s=100.0,
+        kind = "direct" if name.endswith("-direct") else "tcrd" if name.endswith("TCRD") else "ppod"
+        rows[name] = StageResult(level, kind, "", {}, "", "", 0.0, params=params, samples_per_s=100.0,
                                  test=metrics({}), test_shift=metrics(offsets), shift={"offsets": offsets},
                                  test_units={"task": test[0].tolist(), "target": test[1].tolist(),
                                              "margin": test_m.tolist(), "record_id": test[2].tolist()})

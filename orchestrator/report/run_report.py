@@ -193,7 +193,7 @@ def claims(rows: dict[str, StageResult]) -> dict[str, dict]:
     if not rows:
         return {}
     final = list(rows)[-1]
-    direct = {r.level: n for n, r in rows.items() if n.endswith("-direct")}
+    direct = {r.level: n for n, r in rows.items() if r.kind == "direct"}  # the baselines: directly tuned
     small = direct.get(rows[final].level)
     large = max(direct.values(), key=lambda n: rows[n].params, default=None)
     against = [(role, n) for role, n in (("small", small), ("large", large)) if n and n != final]
