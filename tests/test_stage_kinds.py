@@ -5,6 +5,7 @@ Nothing else in the tree names it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import Field
@@ -74,7 +75,7 @@ def test_a_registered_kind_runs_through_the_pipeline(review_kind, tmp_path, monk
     from orchestrator.cluster.placement import stop_ray
     from orchestrator.run.pipeline import run
 
-    monkeypatch.chdir(schema.Path(__file__).parent.parent)  # the base's path is relative to the checkout
+    monkeypatch.chdir(Path(__file__).parent.parent)  # the base's path is relative to the checkout
     cfg = validate_raw(_raw(), "toy.yaml")
     run_dir = tmp_path / "runs" / "toy"
     try:

@@ -119,9 +119,10 @@ class StageLossConfig:
     top_teacher: int
 
     def __post_init__(self):
-        if self.kd_loss not in set(KDLoss):
-            raise ValueError(f"kd_loss must be one of {[str(k) for k in KDLoss]}, got {self.kd_loss!r}")
-        object.__setattr__(self, "kd_loss", KDLoss(self.kd_loss))  # a name given as a plain string
+        try:
+            object.__setattr__(self, "kd_loss", KDLoss(self.kd_loss))  # a name given as a plain string
+        except ValueError:
+            raise ValueError(f"kd_loss must be one of {[str(k) for k in KDLoss]}, got {self.kd_loss!r}") from None
         object.__setattr__(self, "objective", Objective(self.objective))
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")

@@ -114,9 +114,9 @@ def trial_levels(sweep: Sweep, from_run: Path) -> dict[str, Path]:
     cfg, plan = sweep.base, sweep.plan
     start = model_dir(from_run, plan.init) if plan.init else initial_dir(cfg, from_run, plan.level)
     levels = {plan.level: start} | {t.level: model_dir(from_run, t.stage) for t in plan.teachers}
+    from_path = not plan.init and cfg.levels[plan.level].path  # the student starts from its configured path
     for level, needed in levels.items():
-        configured = cfg.levels[level].path and needed == initial_dir(cfg, from_run, level)
-        if not configured and not (needed / "config.json").is_file():
+        if not (from_path and level == plan.level) and not (needed / "config.json").is_file():
             raise ConfigError(f"{sweep.spec.from_run} has no trained model {needed.name!r}: run "
                               f"`hkd run {sweep.spec.base} --run-dir {sweep.spec.from_run}` first")
     return levels
